@@ -15,7 +15,8 @@ COMMANDS = (
     "trafficvlm.synth.cli",            # synth: render a synthetic dataset in the WTS layout
     "trafficvlm.stages.ingest",        # ingest / upload: S3 <-> a WTS-layout directory
     "trafficvlm.stages.prepare",       # prepare: WTS -> LLaVA MCQ JSON + validation report
-    "trafficvlm.stages.sft",           # train, sft job: fine-tune; the PyTorchJob launcher
+    "trafficvlm.stages.sft",           # train: fine-tune (one process, or under torchrun)
+    "trafficvlm.launcher",             # sft job: the PyTorchJob the cluster stage creates
     "trafficvlm.stages.evaluate",      # eval, compare: score checkpoints and endpoints
     "trafficvlm.stages.quantize",      # quantize, export: FP8 PTQ with a gate; deployable bundles
     "trafficvlm.stages.rollout",       # rollout: GitOps / Helm promotion of a checkpoint
