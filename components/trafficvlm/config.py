@@ -33,7 +33,8 @@ SYSTEM_PROMPT = "You are a helpful assistant that can answer questions about a s
 class VideoSpec:
     """How a video becomes frames: the one spec shared by train, eval, calibration and serve.
 
-    Exactly one of `fps` / `nframes` drives temporal sampling. Pixel caps follow qwen-vl-utils.
+    One of `fps` / `nframes` drives temporal sampling; `nframes`, when set, wins and clears `fps` (a TOML
+    file or a `video.nframes=8` override cannot unset the default fps). Pixel caps follow qwen-vl-utils.
     The recipe's setting A is `fps=1, max_pixels=81920`; setting B `fps=1, total_pixels=6422528`."""
 
     fps: float | None = 1.0
@@ -45,8 +46,10 @@ class VideoSpec:
     total_pixels: int = VIDEO_TOTAL_PIXELS
 
     def __post_init__(self) -> None:
-        if (self.fps is None) == (self.nframes is None):
-            raise ValueError("VideoSpec: set exactly one of fps and nframes")
+        if self.nframes is not None:
+            self.fps = None
+        if self.fps is None and self.nframes is None:
+            raise ValueError("VideoSpec: set one of fps and nframes")
         if self.fps is not None and self.fps <= 0:
             raise ValueError(f"VideoSpec.fps must be > 0, got {self.fps}")
         if self.nframes is not None and self.nframes < FRAME_FACTOR:
@@ -235,3 +238,318 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(dump_toml(to_dict(cfg)))
     return path
+
+
+# --- SFT (trafficvlm train) -----------------------------------------------------------------------------
+
+@dataclass
+class ModelSection:
+    """The base checkpoint. `build_tiny`: write a tiny random model at `path` when it is missing (CPU demo)."""
+
+    path: str = "models/tiny"
+    build_tiny: bool = False
+    max_length: int = 32768          # the recipe's policy.model_max_length; longer samples are an error
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class DataSection:
+    """LLaVA JSON + media dir. With `synth_root`, a missing annotation file is made first: synthetic WTS at
+    `synth_root` (trafficvlm.synth), then `prepare` into the annotation file's directory."""
+
+    annotation_path: str = ""
+    media_path: str = ""
+    synth_root: str | None = None
+    synth_scenarios: int = 8
+    num_workers: int = 0
+    frame_cache: str | None = None   # directory; None = the shared default ($TRAFFICVLM_CACHE)
+    limit: int | None = None         # use the first N records (smoke runs)
+
+
+@dataclass
+class TrainSection:
+    output_dir: str = "runs/sft"
+    mode: str = "full"               # full | lora
+    epochs: int = 1
+    max_steps: int | None = None     # optimizer steps; overrides epochs when set
+    micro_batch: int = 1             # samples per forward per rank
+    global_batch: int = 8            # samples per optimizer step over all ranks (accumulation fills the gap)
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    decay: str = "cosine"            # cosine | linear | constant
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    seed: int = 0
+    freeze_vision: bool = True
+    freeze_merger: bool = False
+    freeze_llm: bool = False
+    grad_checkpointing: bool = True
+    compile: bool = False
+    batching: str = "packed"         # packed (padding-free, one row) | padded
+    shared_prefix: bool = False      # one sequence per video: prefix once, each question a branch
+    save_every: int = 0              # optimizer steps between checkpoints (0: only at the end)
+    keep_last: int = 2
+    log_every: int = 1
+    device: str = "auto"             # auto | cpu | cuda
+
+    def __post_init__(self) -> None:
+        choices = {"mode": ("full", "lora"), "decay": ("cosine", "linear", "constant"),
+                   "batching": ("packed", "padded"), "device": ("auto", "cpu", "cuda")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.micro_batch < 1 or self.global_batch < self.micro_batch:
+            raise ValueError(f"need 1 <= micro_batch <= global_batch, got {self.micro_batch}, {self.global_batch}")
+        if self.shared_prefix and self.batching != "padded":
+            self.batching = "padded"  # a branch mask is 4-D; packing has no room for it
+
+
+@dataclass
+class LoraSection:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class TrackingSection:
+    uri: str | None = None           # else MLFLOW_TRACKING_URI; neither: no MLflow
+    experiment: str = "trafficvlm"
+    run_name: str = "sft"
+    parent_run_id: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    video: VideoSpec = field(default_factory=lambda: VideoSpec(fps=1.0, max_pixels=81920))
+    prompt: PromptSpec = field(default_factory=PromptSpec)
+    train: TrainSection = field(default_factory=TrainSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+
+# The reference recipe's cosmos-rl sft_config.toml: which of its keys map to ours (dotted -> dotted).
+RECIPE_SFT_KEYS = {
+    "custom.dataset.annotation_path": "data.annotation_path",
+    "custom.dataset.media_path": "data.media_path",
+    "custom.dataset.system_prompt": "prompt.system_prompt",
+    "custom.vision.fps": "video.fps",
+    "custom.vision.nframes": "video.nframes",
+    "custom.vision.max_pixels": "video.max_pixels",
+    "custom.vision.total_pixels": "video.total_pixels",
+    "train.output_dir": "train.output_dir",
+    "train.epoch": "train.epochs",
+    "train.optm_lr": "train.lr",
+    "train.optm_warmup_steps": "train.warmup_steps",
+    "train.optm_decay_type": "train.decay",
+    "train.optm_weight_decay": "train.weight_decay",
+    "train.optm_grad_norm_clip": "train.max_grad_norm",
+    "train.train_policy.mini_batch": "train.micro_batch",
+    "policy.model_name_or_path": "model.path",
+    "policy.model_max_length": "model.max_length",
+    "train.ckpt.save_freq": "train.save_every",
+    "train.ckpt.max_keep": "train.keep_last",
+}
+# What a recipe file means where it leaves a key out: cosmos-rl's SFT trains the whole model (vision tower
+# included) for one epoch; the learning rate and decay are our choices (the recipe file does not set them).
+RECIPE_SFT_DEFAULTS = {"train.mode": "full", "train.freeze_vision": False, "train.lr": 1e-5,
+                       "train.decay": "cosine", "train.epochs": 1}
+
+
+def is_recipe_sft(data: dict[str, Any]) -> bool:
+    """A cosmos-rl style file: it has `[custom]` or `[policy]` tables, which our schema never has."""
+    return "custom" in data or "policy" in data
+
+
+def map_recipe_sft(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Our nested config dict from a recipe sft_config.toml, and the dotted recipe keys it ignores.
+
+    The global batch is `train_batch_per_replica x dp_shard_size` (cosmos-rl's meaning of the two)."""
+    flat = _flatten(data)
+    out: dict[str, Any] = {}
+    for key, value in RECIPE_SFT_DEFAULTS.items():
+        _put(out, key, value)
+    ignored = []
+    for key, value in flat.items():
+        if key in RECIPE_SFT_KEYS:
+            _put(out, RECIPE_SFT_KEYS[key], value)
+        elif key not in ("train.train_batch_per_replica", "policy.parallelism.dp_shard_size"):
+            ignored.append(key)
+    if "custom.vision.nframes" in flat:
+        _put(out, "video.fps", None)
+    per_replica = flat.get("train.train_batch_per_replica")
+    if per_replica is not None:
+        _put(out, "train.global_batch", int(per_replica) * int(flat.get("policy.parallelism.dp_shard_size", 1)))
+    return out, sorted(ignored)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _put(d: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for p in parents:
+        d = d.setdefault(p, {})
+    d[last] = value
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None,
+                      on_ignored=print) -> TrainConfig:
+    """Our TOML schema or the recipe's sft_config.toml (detected), then dotted overrides (our keys)."""
+    data: dict[str, Any] = load_toml(path) if path is not None else {}
+    if is_recipe_sft(data):
+        data, ignored = map_recipe_sft(data)
+        if ignored:
+            on_ignored(f"{path}: recipe (cosmos-rl) config; ignoring keys it sets that we do not use: "
+                       f"{', '.join(ignored)}")
+    if overrides:
+        data = deep_merge(data, parse_overrides(overrides))
+    return from_dict(TrainConfig, data)
+
+
+# --- evaluation (trafficvlm eval) -----------------------------------------------------------------------
+
+@dataclass
+class EvalConfig:
+    """`trafficvlm eval`: what to score, how, and where the results go.
+
+    `system_prompt` / `answer_type` left unset, and every VideoSpec field `video` leaves out, come from the
+    model bundle's trafficvlm.json; set ones must agree with it unless `override_spec` (contract 4). With
+    `engine = "openai"` they come from `model` when it is a bundle directory, else from these fields and
+    the VideoSpec defaults."""
+
+    model: str = ""                  # checkpoint directory; with engine "openai", the bundle the server serves
+    data: str = ""                   # LLaVA JSON
+    media_dir: str = ""              # what the records' `video` paths are relative to
+    out: str = "runs/eval"
+    mode: str = "letter"             # letter (one forward, argmax over option letters) | generate
+    answer_type: str | None = None   # letter | reasoning | freeform; reasoning/freeform imply generate
+    system_prompt: str | None = None
+    video: dict[str, Any] = field(default_factory=dict)   # VideoSpec fields, over the bundle's
+    override_spec: bool = False
+    shared_prefix: bool = True
+    batch_videos: int = 1            # without shared prefix: clips per padded batch
+    question_batch: int = 16         # rows per forward (suffix batch / padded batch)
+    limit: int | None = None         # first N questions
+    resume: bool = False
+    baseline: str | None = None      # majority | blind
+    train_data: str | None = None    # LLaVA JSON the majority baseline learns from (else the eval set)
+    engine: str = "local"            # local | openai
+    endpoint: str | None = None      # e.g. http://127.0.0.1:8000/v1
+    api_key_env: str | None = None   # name of the environment variable holding the API key
+    served_model: str | None = None  # the endpoint's model name (default: the endpoint's first model)
+    concurrency: int = 4             # parallel requests to the endpoint
+    file_urls: bool = False          # send file:// URLs (server started with --allowed-local-media-path)
+    max_tokens: int | None = None    # generate mode; default by answer type (16 / 1024 / 256)
+    temperature: float = 0.0
+    seed: int = 1
+    dtype: str = "auto"              # auto (bf16 on GPU, the checkpoint's on CPU) | bfloat16 | float16 | float32
+    device: str = "auto"             # auto | cpu | cuda
+    max_length: int | None = None    # longer prompts are an error naming the record
+    frame_cache: str | None = None   # directory; None = the shared default ($TRAFFICVLM_CACHE)
+    tracking: TrackingSection = field(default_factory=lambda: TrackingSection(run_name="eval"))
+
+    def __post_init__(self) -> None:
+        choices = {"mode": ("letter", "generate"), "engine": ("local", "openai"),
+                   "answer_type": (None, "letter", "reasoning", "freeform"),
+                   "baseline": (None, "majority", "blind"), "device": ("auto", "cpu", "cuda"),
+                   "dtype": ("auto", "bfloat16", "float16", "float32")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.engine == "openai" and not self.endpoint:
+            raise ValueError("engine 'openai' needs endpoint (e.g. http://127.0.0.1:8000/v1)")
+        unknown = sorted(set(self.video) - set(VideoSpec.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"video: unknown VideoSpec field(s) {unknown}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+
+
+# The reference recipe's eval_config.yaml (its evaluate.py, vLLM offline): its keys -> ours.
+RECIPE_EVAL_KEYS = {
+    "model.model_name": "model",
+    "model.dtype": "dtype",
+    "model.max_length": "max_length",
+    "evaluation.answer_type": "answer_type",
+    "evaluation.seed": "seed",
+    "evaluation.skip_saved": "resume",
+    "generation.max_tokens": "max_tokens",
+    "generation.temperature": "temperature",
+}
+RECIPE_VISION_KEYS = ("fps", "nframes", "min_pixels", "max_pixels", "total_pixels", "min_frames", "max_frames")
+
+
+def is_recipe_eval(data: dict[str, Any]) -> bool:
+    """The recipe's eval_config.yaml: `datasets:` and `evaluation:` sections, which our schema never has."""
+    return "datasets" in data or "evaluation" in data
+
+
+def map_recipe_eval(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Our EvalConfig dict from a recipe eval_config.yaml, and the dotted recipe keys it ignores.
+
+    One dataset entry is supported (the recipe has one, `environment`). `vision.*` keys become the video
+    spec (an explicit spec: a bundle that disagrees is an error unless override_spec)."""
+    datasets = data.get("datasets") or {}
+    if len(datasets) != 1:
+        raise ConfigError(f"datasets: expected exactly one dataset entry, got {sorted(datasets) or 'none'}")
+    (name, ds), = datasets.items()
+    out: dict[str, Any] = {}
+    for key, ours in (("annotation_path", "data"), ("media_dir", "media_dir"), ("system_prompt", "system_prompt")):
+        if key in (ds or {}):
+            out[ours] = ds[key]
+    ignored = [f"datasets.{name}.{k}" for k in (ds or {}) if k not in ("annotation_path", "media_dir",
+                                                                         "system_prompt")]
+    for key, value in _flatten({k: v for k, v in data.items() if k != "datasets"}).items():
+        if key in RECIPE_EVAL_KEYS:
+            out[RECIPE_EVAL_KEYS[key]] = value
+        elif key.startswith("vision.") and key.split(".", 1)[1] in RECIPE_VISION_KEYS:
+            _put(out, "video." + key.split(".", 1)[1], value)
+        else:
+            ignored.append(key)
+    if out.get("answer_type") in ("reasoning", "freeform"):
+        out["mode"] = "generate"
+    return out, sorted(ignored)
+
+
+def load_eval_config(path: str | Path | None, overrides: dict[str, Any] | None = None,
+                     on_ignored=print) -> EvalConfig:
+    """Our TOML, or the recipe's eval_config.yaml (detected by content), then `overrides` (our keys, e.g.
+    from command-line flags; None values are skipped)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _load_yaml(path) if str(path).endswith((".yaml", ".yml")) else load_toml(path)
+        if is_recipe_eval(data):
+            data, ignored = map_recipe_eval(data)
+            if ignored:
+                on_ignored(f"{path}: recipe eval config; ignoring keys we do not use: {', '.join(ignored)}")
+    data = deep_merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
+    return from_dict(EvalConfig, data)
+
+
+def _load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
