@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -365,3 +366,43 @@ def read_subset(root: str | Path, subset: str, split: str) -> SourceResult:
         else:
             out.extend(read_phase_vqa(root, scenario, subset))
     return out
+
+
+VIEW_CSV = "view_used_as_main_reference_for_multiview_scenario.csv"
+
+# --- the layout as object keys (for ingest from S3) ---------------------------------------------------------
+
+# What each subset needs per split, as (glob relative to the dataset root, must match at least one object).
+# `ingest` selects objects with it; "bbox" is an ingest-only extra (the boxes are not converted to MCQ).
+OBJECT_PATTERNS: dict[str, tuple[tuple[str, bool], ...]] = {
+    "environment": (("videos/{split}/**/overhead_view/*.mp4", True),
+                    ("annotations/vqa/{split}/**/environment/*.json", True)),
+    "overhead": (("videos/{split}/**/overhead_view/*.mp4", True),
+                 ("annotations/vqa/{split}/**/overhead_view/*.json", True),
+                 ("annotations/caption/{split}/**/overhead_view/*.json", False)),
+    "vehicle": (("videos/{split}/**/vehicle_view/*.mp4", True),
+                ("annotations/vqa/{split}/**/vehicle_view/*.json", True),
+                ("annotations/caption/{split}/**/vehicle_view/*.json", False)),
+    "bdd": (("external/BDD_PC_5K/videos/{split}/*.mp4", True),
+            ("external/BDD_PC_5K/annotations/vqa/{split}/**/*.json", True),
+            ("external/BDD_PC_5K/annotations/caption/{split}/*.json", False)),
+    "bbox": (("annotations/bbox_annotated/*/{split}/**/*.json", False),
+             ("annotations/bbox_generated/*/{split}/**/*.json", False)),
+}
+
+
+def referenced_videos(key: str, data: Any) -> list[str]:
+    """Keys (relative to the prefix) of the videos a VQA file names, or [] for files of other kinds."""
+    match = re.fullmatch(r"(external/BDD_PC_5K/)?annotations/vqa/([^/]+)/(.*/)?([^/]+)/[^/]+\.json", key)
+    if not match:
+        return []
+    bdd, split, middle, view = match.group(1), match.group(2), match.group(3) or "", match.group(4)
+    names: list[str] = []
+    for entry in data if isinstance(data, list) else [data]:
+        if isinstance(entry, dict):
+            value = entry.get("overhead_videos") or entry.get("videos") or entry.get("vehicle_view") or []
+            names += [value] if isinstance(value, str) else [str(v) for v in value]
+    if bdd:
+        return [f"{bdd}videos/{split}/{name}" for name in names]
+    video_view = "vehicle_view" if view == "vehicle_view" else "overhead_view"
+    return [f"videos/{split}/{middle}{video_view}/{name}" for name in names]

@@ -37,30 +37,13 @@ from typing import Any
 from trafficvlm.s3 import (MULTIPART_CHUNKSIZE, MULTIPART_THRESHOLD, S3Error, S3Uri, check_bucket, describe_error,
                            error_code, etag_of, etag_part_count, is_md5_etag, make_client, redact,
                            remote_part_size, transfer_errors)
+# The WTS layout as object keys lives with the rest of the layout knowledge, in sources/wts.py.
+from trafficvlm.sources.wts import OBJECT_PATTERNS as SUBSETS, VIEW_CSV, referenced_videos
 
 STATE_FILE = ".trafficvlm-ingest.json"
 MANIFEST_FILE = "ingest_manifest.json"
 TMP_SUFFIX = ".trafficvlm-tmp"
 SPLITS = ("train", "val")
-VIEW_CSV = "view_used_as_main_reference_for_multiview_scenario.csv"
-
-# What each subset needs per split, as (glob relative to the prefix, must match at least one object).
-# This table and `referenced_videos` are the only WTS layout knowledge here (see wts-format.md).
-SUBSETS: dict[str, tuple[tuple[str, bool], ...]] = {
-    "environment": (("videos/{split}/**/overhead_view/*.mp4", True),
-                    ("annotations/vqa/{split}/**/environment/*.json", True)),
-    "overhead": (("videos/{split}/**/overhead_view/*.mp4", True),
-                 ("annotations/vqa/{split}/**/overhead_view/*.json", True),
-                 ("annotations/caption/{split}/**/overhead_view/*.json", False)),
-    "vehicle": (("videos/{split}/**/vehicle_view/*.mp4", True),
-                ("annotations/vqa/{split}/**/vehicle_view/*.json", True),
-                ("annotations/caption/{split}/**/vehicle_view/*.json", False)),
-    "bdd": (("external/BDD_PC_5K/videos/{split}/*.mp4", True),
-            ("external/BDD_PC_5K/annotations/vqa/{split}/**/*.json", True),
-            ("external/BDD_PC_5K/annotations/caption/{split}/*.json", False)),
-    "bbox": (("annotations/bbox_annotated/*/{split}/**/*.json", False),
-             ("annotations/bbox_generated/*/{split}/**/*.json", False)),
-}
 # Transfers retried by us on top of botocore's per-request retries (a multipart download is many requests;
 # botocore cannot restart the whole object after a mid-stream reset or a failed verification).
 TRANSFER_ATTEMPTS = 3
@@ -190,23 +173,6 @@ def select(objects: dict[str, RemoteObject], uri: S3Uri, splits: Iterable[str], 
         if not take(pattern):
             errors.append(f"--include {pattern!r}: no object matches under {uri}")
     return chosen, errors
-
-
-def referenced_videos(key: str, data: Any) -> list[str]:
-    """Keys (relative to the prefix) of the videos a VQA file names, or [] for files of other kinds."""
-    match = re.fullmatch(r"(external/BDD_PC_5K/)?annotations/vqa/([^/]+)/(.*/)?([^/]+)/[^/]+\.json", key)
-    if not match:
-        return []
-    bdd, split, middle, view = match.group(1), match.group(2), match.group(3) or "", match.group(4)
-    names: list[str] = []
-    for entry in data if isinstance(data, list) else [data]:
-        if isinstance(entry, dict):
-            value = entry.get("overhead_videos") or entry.get("videos") or entry.get("vehicle_view") or []
-            names += [value] if isinstance(value, str) else [str(v) for v in value]
-    if bdd:
-        return [f"{bdd}videos/{split}/{name}" for name in names]
-    video_view = "vehicle_view" if view == "vehicle_view" else "overhead_view"
-    return [f"videos/{split}/{middle}{video_view}/{name}" for name in names]
 
 
 # --- listing, manifest, state ------------------------------------------------------------------------------
