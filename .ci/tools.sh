@@ -7,4 +7,9 @@ cd "$(dirname "$0")/.."
 TOOLS=.cache/tools
 mkdir -p "$TOOLS"
 if [ ! -x "$TOOLS/helm" ] && [ -f tools/fetch_helm.sh ]; then bash tools/fetch_helm.sh "$TOOLS"; fi
+# Playwright drives the system chromium (never `playwright install`: no browser downloads here).
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+    || echo "warning: could not install chromium; tests/test_mlflow_ui.py will skip" >&2
+fi
 exit 0

@@ -138,6 +138,31 @@ def alias_version(alias: str, *, name: str = DEFAULT_MODEL_NAME, uri: str | None
         return None
 
 
+def set_version_tags(version: str, tags: dict[str, Any], *, name: str = DEFAULT_MODEL_NAME,
+                     uri: str | None = None) -> None:
+    """Add or overwrite tags of one model version (e.g. the promotion decision, known only after registering)."""
+    if enabled(uri):
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri(uri))
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, _short(value))
+
+
+def set_tags(tags: dict[str, Any], uri: str | None = None) -> None:
+    """Tags of the active run."""
+    if enabled(uri):
+        _mlflow(uri).set_tags({k: _short(v) for k, v in tags.items()})
+
+
+def download_artifacts(artifact_uri: str, dst: str | Path, *, uri: str | None = None) -> Path:
+    """Fetch a logged artifact (`runs:/RUN/PATH`, `mlflow-artifacts:/...`, `s3://...`) into `dst`."""
+    mlflow = _mlflow(uri)
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst),
+                                                    tracking_uri=tracking_uri(uri)))
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
