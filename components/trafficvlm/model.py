@@ -235,7 +235,8 @@ def processor_configs(spec: VideoSpec) -> dict[str, dict[str, Any]]:
 # --- the tiny checkpoint ----------------------------------------------------------------------------------
 
 def build_tiny(out_dir: str | Path, *, seed: int = 0, vocab: str = "qwen", hidden: int = 64, layers: int = 2,
-               vision_depth: int = 2, spec: VideoSpec | None = None, prompt: PromptSpec | None = None) -> Path:
+               vision_depth: int = 2, vision_hidden: int = 32, vision_heads: int = 2,
+               spec: VideoSpec | None = None, prompt: PromptSpec | None = None) -> Path:
     """Write a complete random-init Qwen2.5-VL checkpoint directory (weights, config, tokenizer, processor
     configs, chat template, generation config, trafficvlm.json) and return its path.
 
@@ -249,7 +250,8 @@ def build_tiny(out_dir: str | Path, *, seed: int = 0, vocab: str = "qwen", hidde
     out.mkdir(parents=True, exist_ok=True)
     spec, prompt = spec or VideoSpec(), prompt or PromptSpec()
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config_tiny(hidden=hidden, layers=layers, vision_depth=vision_depth))
+    model = Qwen2_5_VLForConditionalGeneration(config_tiny(hidden=hidden, layers=layers, vision_depth=vision_depth,
+                                                           vision_hidden=vision_hidden, vision_heads=vision_heads))
     model.save_pretrained(out)
     tok = build_tokenizer(vocab)
     tok.save_pretrained(out)
@@ -336,16 +338,30 @@ def model_type_of(path: str | Path) -> str:
 
 
 def load_model(path: str | Path, *, dtype: "torch.dtype | str | None" = None, device: str = "cpu",
-               attn_implementation: str = "sdpa"):
+               attn_implementation: str = "sdpa", fast_vision: bool | None = None):
     """A local Qwen2.5-VL checkpoint (ours, Cosmos-Reason1-7B, Qwen2.5-VL-3B/7B; v4- or v5-style config).
 
-    `dtype=None` keeps the checkpoint's dtype. Packed batches need sdpa or flash attention (processing.py)."""
+    `dtype=None` keeps the checkpoint's dtype. Packed batches need sdpa or flash attention (processing.py).
+    `fast_vision` (default: on for CUDA) swaps the vision tower's per-window attention loop for one call
+    per layer (trafficvlm.fast_vision; same weights, same outputs within rounding) — train, eval and serve
+    all load through here, so they all get it."""
     import transformers
 
+    from trafficvlm import quantize
+
     path = check_checkpoint(path)
-    cls = getattr(transformers, family(model_type_of(path)).model_class)
-    return cls.from_pretrained(path, dtype=dtype or "auto", device_map=device,
-                               attn_implementation=attn_implementation)
+    if quantize.quantization_config_of(path):
+        # FP8 bundles: real FP8 matmuls where the GPU has them, FP8 numerics emulated elsewhere
+        model = quantize.load_quantized(path, device, dtype=dtype, attn_implementation=attn_implementation)
+    else:
+        cls = getattr(transformers, family(model_type_of(path)).model_class)
+        model = cls.from_pretrained(path, dtype=dtype or "auto", device_map=device,
+                                    attn_implementation=attn_implementation)
+    if fast_vision if fast_vision is not None else str(device).startswith("cuda"):
+        from trafficvlm.fast_vision import enable_fast_vision
+
+        enable_fast_vision(model)
+    return model
 
 
 def load_processor(path: str | Path) -> Processor:
