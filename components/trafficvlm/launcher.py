@@ -2,6 +2,7 @@
 
     trafficvlm sft job --dry-run --nodes 2 --gpus-per-node 8 --data /mnt/data/llava/x/environment_mcq_llava_train.json
     trafficvlm sft job --nodes 1 --namespace ml --config configs/sft/recipe_setting_a.toml   # create and follow
+    trafficvlm sft job --dry-run --engine cosmos-rl    # the recipe's cosmos-rl: its own image, one node
 
     from trafficvlm.launcher import JobSpec, build_pytorchjob, build_configmap, job_name, run_job, KubeCluster
     spec = JobSpec(name=job_name(run_id), nodes=2, gpus_per_node=8, overrides=["train.max_steps=100"])
@@ -46,6 +47,9 @@ TRAINER_KEYS = {
 # torch renamed the variable); NVLink SHARP (NVLS) off, as on the device machines (multicast unsupported).
 NCCL_ENV = {"NCCL_DEBUG": "WARN", "NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
             "NCCL_NVLS_ENABLE": "0"}
+# The SFT engines (TrainConfig.train.engine): our torchrun + FSDP2 trainer in the train image, or the
+# reference recipe's cosmos-rl in its own image (trafficvlm.cosmos_rl; transformers < 5, flash-attn, redis).
+ENGINES = ("trafficvlm", "cosmos-rl")
 _DNS_LABEL_MAX = 63
 _DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 
@@ -105,8 +109,16 @@ class JobSpec:
     ttl_seconds_after_finished: int = 3 * 24 * 3600
     # Running: finished jobs keep their failed pods (and logs) for inspection; running ones are reaped.
     clean_pod_policy: str = "Running"
+    engine: str = "trafficvlm"                       # ENGINES; cosmos-rl also needs its image (engine_image)
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"JobSpec.engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.engine == "cosmos-rl" and (self.nodes != 1 or self.gpus_per_node < 1):
+            # cosmos-rl starts its own controller and workers inside the pod; spreading one replica over
+            # pods needs its own rendezvous flags, which this launcher does not set (the recipe: 1 x 8 GPUs).
+            raise ValueError(f"engine cosmos-rl runs on one node with GPUs, got nodes={self.nodes} "
+                             f"gpus_per_node={self.gpus_per_node}")
         if self.nodes < 1:
             raise ValueError(f"JobSpec.nodes must be >= 1, got {self.nodes}")
         if self.gpus_per_node < 0:
@@ -134,6 +146,39 @@ def trainer_args(spec: JobSpec) -> list[str]:
             "-m", "trafficvlm", "train", "--config", config, "--resume", *spec.overrides]
 
 
+def recipe_args(spec: JobSpec) -> list[str]:
+    """`trafficvlm train` with the cosmos-rl engine, one process per pod: it writes the recipe's job
+    (sft_config.toml, custom_sft.py) under the output directory and runs cosmos-rl, which starts its own
+    workers on the pod's GPUs. `--resume` becomes cosmos-rl's `train.resume`."""
+    config = f"{CONFIG_MOUNT}/sft.toml" if spec.config_text is not None else spec.config_path
+    return ["-m", "trafficvlm", "train", "--config", config, "--resume", *spec.overrides, "train.engine=cosmos-rl"]
+
+
+def engine_of(overrides: list[str], default: str = "trafficvlm") -> str:
+    """The engine a `train.engine=...` trainer override selects (the last one wins), else `default`: so
+    the pipeline's `train_overrides` and `sft job --set` pick the engine's image and command too."""
+    engine = default
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "train.engine":
+            engine = value.strip().strip("\"'")
+    if engine not in ENGINES:
+        raise ValueError(f"train.engine must be one of {ENGINES}, got {engine!r}")
+    return engine
+
+
+def engine_image(engine: str) -> str:
+    """The image an engine's pods run: pipelines/images.py names them (`train`, `cosmos-rl`)."""
+    from trafficvlm import __version__
+
+    name = "cosmos-rl" if engine == "cosmos-rl" else "train"
+    try:
+        from pipelines.images import image
+    except ImportError:  # the package installed without the pipelines/ tree
+        return f"ghcr.io/trafficvlm/{name}:{__version__}"
+    return image(name)
+
+
 def _resources(spec: JobSpec) -> dict[str, Any]:
     if spec.resources:
         return spec.resources
@@ -152,9 +197,10 @@ def _pod_template(spec: JobSpec, labels: dict[str, str]) -> dict[str, Any]:
     if spec.config_text is not None:
         mounts.append({"name": "trainer-config", "mountPath": CONFIG_MOUNT, "readOnly": True})
         volumes.append({"name": "trainer-config", "configMap": {"name": spec.configmap_name}})
+    cmd, args = ("python", recipe_args(spec)) if spec.engine == "cosmos-rl" else ("torchrun", trainer_args(spec))
     pod: dict[str, Any] = {
-        "containers": [{"name": "pytorch", "image": spec.image, "command": ["torchrun"],
-                        "args": trainer_args(spec), "env": env, "resources": _resources(spec),
+        "containers": [{"name": "pytorch", "image": spec.image, "command": [cmd], "args": args,
+                        "env": env, "resources": _resources(spec),
                         "volumeMounts": mounts}],
         "volumes": volumes,
     }
@@ -437,12 +483,14 @@ class SftRequest:
     video: dict[str, float] = field(default_factory=dict)
     hyper: dict[str, float] = field(default_factory=dict)
     extra_overrides: list[str] = field(default_factory=list)
+    engine: str = "trafficvlm"       # ENGINES: cosmos-rl runs in engine_image("cosmos-rl"), not train_image
 
     def __post_init__(self) -> None:
         if len(self.subsets) != 1:
             raise ValueError(f"sft: the trainer reads one subset's annotation file, got subsets={self.subsets}")
         if self.video.get("fps") and self.video.get("nframes"):
             raise ValueError("sft: set one of fps and nframes (the other 0)")
+        self.engine = engine_of(self.extra_overrides, self.engine)
 
     @property
     def output_dir(self) -> str:
@@ -475,8 +523,10 @@ def spec_from_request(request: SftRequest, task_config: Any = None, namespace: s
         # The GPU count is the job's shape, decided by gpus_per_node; keep the passthrough consistent.
         for part in ("requests", "limits"):
             resources[part] = {**resources.get(part, {}), "nvidia.com/gpu": str(request.gpus_per_node)}
+    image = engine_image("cosmos-rl") if request.engine == "cosmos-rl" else request.train_image
     return JobSpec(
-        name=job_name(request.run_id), namespace=namespace or current_namespace(), image=request.train_image,
+        name=job_name(request.run_id), namespace=namespace or current_namespace(), image=image,
+        engine=request.engine,
         nodes=request.nodes, gpus_per_node=request.gpus_per_node, config_path=request.train_config,
         overrides=request.overrides(), run_id=request.run_id, resources=resources,
         node_selector=dict(getattr(tc, "node_selector", None) or {}),
@@ -488,8 +538,9 @@ def spec_from_request(request: SftRequest, task_config: Any = None, namespace: s
 
 def train_locally_command(request: SftRequest) -> list[str]:
     """`trafficvlm train` as a subprocess of this machine (kfp.local, the demo): one process on CPU."""
+    engine = [f"train.engine={request.engine}"] if request.engine != "trafficvlm" else []
     return [sys.executable, "-m", "trafficvlm", "train", "--config", request.train_config, "--resume",
-            *request.overrides()]
+            *request.overrides(), *engine]
 
 
 def run_sft(launcher: str, request: SftRequest, task_config: Any = None, *,
@@ -594,6 +645,7 @@ examples:
       --pvc trafficvlm-data:/mnt/data
   trafficvlm sft job --dry-run --nodes 2 --gpus-per-node 0 --cpu 2 --memory 8Gi   # CPU-only smoke job
   trafficvlm sft job --namespace ml --config configs/sft/recipe_setting_a.toml    # create and follow it
+  trafficvlm sft job --dry-run --engine cosmos-rl --config configs/sft/recipe_setting_a.toml  # the recipe's engine
 """
 
 
@@ -608,7 +660,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the YAML instead of creating the job")
     p.add_argument("--run-id", default="manual", help="names the job (tvlm-sft-<run id>) and labels it")
     p.add_argument("--namespace", default=None, help="default: the pod's namespace, else kubeflow")
-    p.add_argument("--image", default=None, help="default: the train image of pipelines/images.py")
+    p.add_argument("--image", default=None, help="default: the engine's image of pipelines/images.py")
+    p.add_argument("--engine", choices=ENGINES, default="trafficvlm",
+                   help="trafficvlm: torchrun + FSDP2 (default); cosmos-rl: the reference recipe's engine, "
+                        "one node, its own image (docs/training.md)")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8, help="0: a CPU-only smoke job")
     p.add_argument("--cpu", default="32", help="CPU per pod (requests = limits)")
@@ -631,6 +686,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 def spec_from_args(args: argparse.Namespace) -> JobSpec:
     overrides = list(args.overrides)
+    engine = engine_of(overrides, args.engine)
     for key, value in (("data", args.data), ("media", args.media), ("output", args.output)):
         if value:
             overrides.append(f"{TRAINER_KEYS[key]}={value}")
@@ -643,7 +699,8 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         mounts.append({"name": dns_label(claim), "mountPath": path})
     config_text = Path(args.config).read_text() if args.config else None
     return JobSpec(name=job_name(args.run_id), namespace=args.namespace or current_namespace(),
-                   image=args.image or _train_image(), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                   image=args.image or engine_image(engine), engine=engine,
+                   nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                    cpu=args.cpu, memory=args.memory, config_text=config_text, overrides=overrides,
                    run_id=args.run_id,
                    node_selector=dict(_key_value(s, "--node-selector") for s in args.node_selector),
@@ -667,14 +724,6 @@ def _key_value(text: str, flag: str) -> tuple[str, str]:
     if not sep or not key:
         raise ValueError(f"{flag} {text!r}: expected KEY=VALUE")
     return key, value
-
-
-def _train_image() -> str:
-    try:
-        from pipelines.images import STAGE_IMAGES
-    except ImportError:  # the package installed without the pipelines/ tree
-        return JobSpec.image
-    return STAGE_IMAGES["train"]
 
 
 def to_yaml(docs: list[dict[str, Any]]) -> str:
