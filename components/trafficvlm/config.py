@@ -250,6 +250,14 @@ class ModelSection:
     build_tiny: bool = False
     max_length: int = 32768          # the recipe's policy.model_max_length; longer samples are an error
     attn_implementation: str = "sdpa"
+    # "7b": train the Qwen2.5-VL-7B architecture (model.config_7b) from random weights, for benchmarks with
+    # no checkpoint at hand; `path` then supplies only the tokenizer and processor (build_tiny writes them).
+    # Random weights are not worth saving: such a run writes no checkpoints and no final/ bundle.
+    random_init: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.random_init not in (None, "7b"):
+            raise ValueError(f"random_init must be \"7b\" or unset, got {self.random_init!r}")
 
 
 @dataclass
@@ -288,22 +296,27 @@ class TrainSection:
     grad_checkpointing: bool = True
     compile: bool = False
     batching: str = "packed"         # packed (padding-free, one row) | padded
-    shared_prefix: bool = False      # one sequence per video: prefix once, each question a branch
+    shared_prefix: bool = False      # one sequence per video: prefix once, each question a branch; the
+                                     # batch unit becomes a video (global_batch counts videos)
     save_every: int = 0              # optimizer steps between checkpoints (0: only at the end)
     keep_last: int = 2
     log_every: int = 1
     device: str = "auto"             # auto | cpu | cuda
+    # trafficvlm: our torchrun + FSDP2 trainer. cosmos-rl: write the reference recipe's sft_config.toml and
+    # dataset script from this config and run cosmos-rl (only in images/cosmos-rl.Dockerfile; see cosmos_rl.py)
+    engine: str = "trafficvlm"
 
     def __post_init__(self) -> None:
         choices = {"mode": ("full", "lora"), "decay": ("cosine", "linear", "constant"),
-                   "batching": ("packed", "padded"), "device": ("auto", "cpu", "cuda")}
+                   "batching": ("packed", "padded"), "device": ("auto", "cpu", "cuda"),
+                   "engine": ("trafficvlm", "cosmos-rl")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.micro_batch < 1 or self.global_batch < self.micro_batch:
             raise ValueError(f"need 1 <= micro_batch <= global_batch, got {self.micro_batch}, {self.global_batch}")
-        if self.shared_prefix and self.batching != "padded":
-            self.batching = "padded"  # a branch mask is 4-D; packing has no room for it
+        if self.shared_prefix and self.micro_batch != 1:
+            raise ValueError("shared_prefix takes one video (all its questions) per micro-batch: micro_batch = 1")
 
 
 @dataclass
@@ -343,6 +356,9 @@ RECIPE_SFT_KEYS = {
     "custom.vision.nframes": "video.nframes",
     "custom.vision.max_pixels": "video.max_pixels",
     "custom.vision.total_pixels": "video.total_pixels",
+    "custom.vision.min_pixels": "video.min_pixels",
+    "custom.vision.min_frames": "video.min_frames",
+    "custom.vision.max_frames": "video.max_frames",
     "train.output_dir": "train.output_dir",
     "train.epoch": "train.epochs",
     "train.optm_lr": "train.lr",
@@ -350,6 +366,11 @@ RECIPE_SFT_KEYS = {
     "train.optm_decay_type": "train.decay",
     "train.optm_weight_decay": "train.weight_decay",
     "train.optm_grad_norm_clip": "train.max_grad_norm",
+    "train.optm_min_lr_factor": "train.min_lr_ratio",
+    "train.optm_betas": "train.betas",
+    "train.compile": "train.compile",
+    "train.max_num_steps": "train.max_steps",
+    "policy.model_gradient_checkpointing": "train.grad_checkpointing",
     "train.train_policy.mini_batch": "train.micro_batch",
     "policy.model_name_or_path": "model.path",
     "policy.model_max_length": "model.max_length",
@@ -375,6 +396,11 @@ def map_recipe_sft(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     out: dict[str, Any] = {}
     for key, value in RECIPE_SFT_DEFAULTS.items():
         _put(out, key, value)
+    if any(k.startswith("custom.vision.") for k in flat):
+        # A [custom.vision] table replaces the recipe script's default (fps 1, max_pixels 81,920): the keys
+        # it leaves out take qwen-vl-utils' defaults (setting B sets only fps and total_pixels).
+        _put(out, "video.fps", FPS)
+        _put(out, "video.max_pixels", VIDEO_MAX_PIXELS)
     ignored = []
     for key, value in flat.items():
         if key in RECIPE_SFT_KEYS:
@@ -383,6 +409,8 @@ def map_recipe_sft(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             ignored.append(key)
     if "custom.vision.nframes" in flat:
         _put(out, "video.fps", None)
+    if flat.get("train.optm_decay_type") == "none":
+        _put(out, "train.decay", "constant")  # cosmos-rl's "none": no decay after warmup
     per_replica = flat.get("train.train_batch_per_replica")
     if per_replica is not None:
         _put(out, "train.global_batch", int(per_replica) * int(flat.get("policy.parallelism.dp_shard_size", 1)))

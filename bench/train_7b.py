@@ -1,0 +1,294 @@
+"""GPU benchmark of one SFT step on the Qwen2.5-VL-7B architecture: plain transformers vs our trainer.
+
+    .venv/bin/python bench/train_7b.py                            # one GPU: (a) vs (b); bench/results/train_7b.json
+    torchrun --nproc-per-node 4 bench/train_7b.py                 # (c) FSDP2 full fine-tuning on 4 GPUs;
+                                                                  #     bench/results/train_7b_fsdp4.json
+    .venv/bin/python bench/train_7b.py --tiny                     # CPU smoke test: tiny model, fp32, no JSON
+
+Model: `trafficvlm.model.config_7b()` with random weights. Sample: the recipe's setting A shape, 74 frames
+at 196x364 -> video grid (37, 14, 26) -> 3,367 video tokens, plus the real prompt (~100 text tokens)
+built by `processing.Preprocessor`; pixels random. Variants, each timed with CUDA events after warmup
+(median of --iters steps, optimizer step included):
+
+one process
+  (a) hf_lora        baseline: plain transformers + peft, LoRA r16 on the LLM, vision frozen, HF gradient
+                     checkpointing, bf16 weights, loss over full logits, positions computed by transformers;
+  (b) ours_lora      our trainer's step (`trafficvlm.train.train_step` + `clip_and_step`, the code train.py
+                     runs): LoRA r16, FSDP2 with bf16 compute over fp32 master weights, our activation
+                     checkpointing, LM head only at labelled positions, explicit 3-D positions, packed batch.
+torchrun, N GPUs, one sample per GPU
+  (c) hf_full_fsdp   baseline: transformers model, HF gradient checkpointing, fully_shard per block + root
+                     (bf16 compute, fp32 reduce), vision frozen, full-logits loss, AdamW;
+      ours_full      our step: full fine-tuning, vision frozen;
+      ours_full_vision  our step: full fine-tuning, vision tower trained too.
+
+Memory: every variant builds the whole model on its GPU before sharding (fp32: 33 GB; fits an 80 GB card).
+
+MFU: 4·N·T (LoRA: no weight gradients for frozen weights) or 6·N·T (full), N = all parameters, T = tokens/s,
+against 989 TFLOP/s dense bf16 per H100/H200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "components"))
+
+from trafficvlm.config import TrainConfig, VideoSpec, from_dict  # noqa: E402
+from trafficvlm.parallel import DistInfo, close_distributed, init_distributed, shard_model  # noqa: E402
+from trafficvlm.processing import collate_packed, collate_padded  # noqa: E402
+from trafficvlm.train import build_optimizer, clip_and_step, prepare_model, train_step  # noqa: E402
+
+PEAK = 989e12
+RECIPE = dict(frames=74, height=196, width=364, grid=(37, 14, 26))
+TINY = dict(frames=8, height=56, width=84, grid=(4, 4, 6))
+
+
+# --- inputs -----------------------------------------------------------------------------------------------
+
+def make_sample(shape: dict):
+    """A real training Sample (our prompt, labels, positions) over random frames of the given shape."""
+    from trafficvlm.model import PixelSpec, Processor, build_tokenizer
+    from trafficvlm.prompts import chat_template
+    from trafficvlm.processing import Preprocessor
+    from trafficvlm.records import VideoQARecord
+    from trafficvlm.video import Clip, Plan
+
+    processor = Processor(build_tokenizer("qwen"), PixelSpec(), chat_template(), "synthetic")
+    pre = Preprocessor(processor, VideoSpec(fps=1.0, max_pixels=81920))
+    rec = VideoQARecord(id="bench", video="synthetic.mp4", question="What is the weather in the scene?",
+                        options={"a": "Clear", "b": "Cloudy", "c": "Rainy", "d": "Snowy"}, answer="b")
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (shape["frames"], shape["height"], shape["width"], 3), dtype=np.uint8)
+    t, h, w = shape["grid"]
+    plan = Plan(shape["frames"], shape["height"], shape["width"], t * h * w // 4, (t, h, w), 2.0,
+                list(range(shape["frames"])))
+    return pre.encode(rec, Clip(frames, plan.indices, 30.0, 2.0, plan, "synthetic"), with_answer=True), pre
+
+
+def build_model(tiny: bool, device: torch.device, dtype: torch.dtype):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from trafficvlm.model import config_7b, config_tiny
+
+    config = config_tiny() if tiny else config_7b()
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        return Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
+
+
+def train_cfg(mode: str, freeze_vision: bool = True) -> TrainConfig:
+    return from_dict(TrainConfig, {"train": {"mode": mode, "freeze_vision": freeze_vision, "lr": 1e-5,
+                                             "grad_checkpointing": True, "global_batch": 1}})
+
+
+def to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# --- timing -----------------------------------------------------------------------------------------------
+
+def time_steps(step, device: torch.device, warmup: int, iters: int) -> float:
+    """Median seconds per call of `step` (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+# --- the variants ----------------------------------------------------------------------------------------
+
+def hf_lora(sample, pre, args, info: DistInfo) -> float:
+    """(a) What a transformers + peft user writes."""
+    from peft import LoraConfig, get_peft_model
+
+    dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
+    model = build_model(args.tiny, info.device, dtype)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    lora = train_cfg("lora").lora
+    model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=
+                                             rf"model\.language_model\..*\.({'|'.join(lora.target_modules)})"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    batch = to({k: v for k, v in collate_padded([sample], pre.pad_token_id).items() if k != "position_ids"},
+               info.device)
+
+    def step():
+        model(**batch, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return time_steps(step, info.device, args.warmup, args.iters)
+
+
+def ours(sample, args, info: DistInfo, mode: str, freeze_vision: bool = True) -> float:
+    """(b) / (c): exactly train.py's path: prepare_model, shard_model, build_optimizer, train_step."""
+    cfg = train_cfg(mode, freeze_vision)
+    model, _, _ = prepare_model(build_model(args.tiny, info.device, torch.float32), cfg)
+    shard_model(model, info, block_classes=model.get_base_model()._no_split_modules
+                if hasattr(model, "get_base_model") else model._no_split_modules, checkpointing=True)
+    opt, sched = build_optimizer(model, cfg, total_steps=10_000, use_cuda=info.device.type == "cuda")
+    micro = [(collate_packed([sample]), ["bench"])]
+
+    def step():
+        train_step(model, micro, info)
+        clip_and_step(model, opt, sched, cfg.train.max_grad_norm)
+
+    return time_steps(step, info.device, args.warmup, args.iters)
+
+
+def hf_full_fsdp(sample, pre, args, info: DistInfo) -> float:
+    """(c) baseline: FSDP2 as a plain transformers user wraps it (blocks + root), HF checkpointing and loss."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from trafficvlm.model import apply_freeze
+
+    model = build_model(args.tiny, info.device, torch.float32)
+    apply_freeze(model, vision=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if info.device.type == "cuda" else MixedPrecisionPolicy())
+    for m in model.modules():
+        if type(m).__name__ in model._no_split_modules:
+            fully_shard(m, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    batch = to({k: v for k, v in collate_padded([sample], pre.pad_token_id).items() if k != "position_ids"},
+               info.device)
+
+    def step():
+        model(**batch, use_cache=False).loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return time_steps(step, info.device, args.warmup, args.iters)
+
+
+# --- report -----------------------------------------------------------------------------------------------
+
+def row(name: str, seconds: float, sample, n_params: int, k: int, info: DistInfo, baseline: float | None) -> dict:
+    tokens = len(sample) * info.world_size
+    peak = peak_gb(info.device)
+    if peak is not None and info.world_size > 1:
+        t = torch.tensor(peak, device=info.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        peak = float(t)
+    return {"variant": name, "step_s": seconds, "tokens_per_s": tokens / seconds,
+            "samples_per_s": info.world_size / seconds, "samples_per_s_per_gpu": 1 / seconds,
+            "mfu": (k * n_params * tokens / seconds / (PEAK * info.world_size)) if info.device.type == "cuda" else None,
+            "peak_mem_gb": peak, "speedup_vs_baseline": (baseline / seconds) if baseline else 1.0}
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'variant':18} {'step s':>8} {'tok/s':>9} {'samples/s':>10} {'MFU':>7} {'peak GB':>8} {'vs base':>8}")
+    for r in rows:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "-"
+        print(f"{r['variant']:18} {r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {r['samples_per_s']:10.3f} "
+              f"{mfu:>7} {mem:>8} {r['speedup_vs_baseline']:7.2f}x")
+
+
+def run(args, info: DistInfo):
+    sample, pre = make_sample(TINY if args.tiny else RECIPE)
+    n_params = sum(p.numel() for p in build_model(args.tiny, torch.device("meta"), torch.bfloat16).parameters())
+    rows = []
+    if info.world_size == 1 and not args.fsdp:
+        base = hf_lora(sample, pre, args, info)
+        rows.append(row("hf_lora", base, sample, n_params, 4, info, None))
+        free(info.device)
+        rows.append(row("ours_lora", ours(sample, args, info, "lora"), sample, n_params, 4, info, base))
+    else:
+        base = hf_full_fsdp(sample, pre, args, info)
+        rows.append(row("hf_full_fsdp", base, sample, n_params, 6, info, None))
+        free(info.device)
+        rows.append(row("ours_full", ours(sample, args, info, "full"), sample, n_params, 6, info, base))
+        free(info.device)
+        rows.append(row("ours_full_vision", ours(sample, args, info, "full", freeze_vision=False), sample,
+                        n_params, 6, info, base))
+    return rows, sample
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test); no JSON unless --out")
+    p.add_argument("--fsdp", action="store_true", help="run the (c) variants even with one process")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--out", type=Path, help="JSON path (default bench/results/train_7b[_fsdpN].json)")
+    args = p.parse_args()
+    info = init_distributed("cpu" if args.tiny else "cuda")
+    try:
+        rows, sample = run(args, info)
+        if info.is_main:
+            print_table(rows)
+            out = args.out or (None if args.tiny else ROOT / "bench" / "results" /
+                               ("train_7b.json" if info.world_size == 1 and not args.fsdp
+                                else f"train_7b_fsdp{info.world_size}.json"))
+            if out:
+                write_json(out, rows, sample, info, args)
+    finally:
+        close_distributed()
+    return 0
+
+
+def write_json(out: Path, rows: list[dict], sample, info: DistInfo, args) -> None:
+    import transformers
+
+    card = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else platform.processor() or "cpu"
+    n_video = int((sample.input_ids == 151656).sum())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "benchmark": "train_7b", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "card": card, "gpus": info.world_size,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "shapes": {"frames": (TINY if args.tiny else RECIPE)["frames"], "grid_thw": list(sample.video_grid_thw[0].tolist()),
+                   "video_tokens": n_video, "tokens": len(sample), "text_tokens": len(sample) - n_video},
+        "iters": args.iters, "warmup": args.warmup, "peak_flops_per_gpu": PEAK, "results": rows,
+    }, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
