@@ -4,10 +4,13 @@
 
 Random-init 7B weights in bf16 (the architecture and token counts are what matter for speed), one synthetic
 75 s clip planned as the recipe's setting A (74 frames at 196x364: 3,367 video tokens), 15 WTS environment
-questions. Three engines score the same questions with `trafficvlm.evaluate.LocalEngine`:
-- baseline: `--shared-prefix off --question-batch 1` (one full forward per question, the reference's shape);
+questions. Three engines score the same questions:
+- plain transformers: one `model(**batch)` per question with full logits (what a script around the HF
+  model does; our 3-D positions are passed so its answers are comparable), the HF vision tower;
+- baseline: `trafficvlm.evaluate.LocalEngine` with `--shared-prefix off --question-batch 1`;
 - padded:   `--shared-prefix off --question-batch 15` (one padded batch, the video repeated per row);
-- shared:   the default (one prefill of system prompt + video, 15 suffixes on copies of its KV cache).
+- shared:   the default (one prefill of system prompt + video, 15 suffixes on copies of its KV cache),
+  with the HF vision tower and with `trafficvlm.fast_vision` (one attention call per vision layer).
 It prints a table and writes JSON (card, versions, config, times, agreement with the baseline).
 """
 
@@ -60,7 +63,34 @@ def synthetic_clip(seed: int = 0) -> Clip:
     return Clip(frames, p.indices, 30.0, p.second_per_grid, p, "synthetic")
 
 
-def timed(engine: LocalEngine, groups, repeats: int) -> tuple[float, list]:
+class PlainTransformers:
+    """One plain `model(**inputs)` per question (full logits), scored like the letter engine."""
+
+    def __init__(self, model, processor, spec, system_prompt):
+        from trafficvlm.evaluate import letter_answer, letter_token_ids
+        from trafficvlm.processing import Preprocessor, collate_padded
+
+        self.model, self.pre, self.collate, self.answer = model, Preprocessor(processor, spec, system_prompt), \
+            collate_padded, letter_answer
+        self.letter_ids = letter_token_ids(processor.tokenizer)
+
+    def score(self, groups):
+        out = []
+        with torch.inference_mode():
+            for records, clip in groups:
+                answers = []
+                for r in records:
+                    batch = self.collate([self.pre.encode(r, clip, with_answer=False)], self.pre.pad_token_id)
+                    batch.pop("labels")
+                    batch = {k: v.to("cuda") for k, v in batch.items()}
+                    batch["pixel_values_videos"] = batch["pixel_values_videos"].to(self.model.dtype)
+                    logits = self.model(**batch, use_cache=False).logits
+                    answers.append(self.answer(logits[0, -1], r.options, self.letter_ids))
+                out.append(answers)
+        return out
+
+
+def timed(engine, groups, repeats: int) -> tuple[float, list]:
     engine.score(groups)  # warm-up (kernels, allocator)
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -87,15 +117,27 @@ def main() -> None:
     processor = Processor(build_tokenizer("byte"), PixelSpec(), chat_template(), "random-init 7B")
     clip, recs = synthetic_clip(), records()
     groups = [(recs, clip)]
-    setups = {"baseline (per question)": dict(shared_prefix=False, question_batch=1),
-              "padded batch of 15": dict(shared_prefix=False, question_batch=15),
-              "shared prefix": dict(shared_prefix=True, question_batch=16)}
+    from trafficvlm.fast_vision import enable_fast_vision
+
+    setups = {"plain transformers (per question)": (None, None),
+              "baseline (per question)": (None, dict(shared_prefix=False, question_batch=1)),
+              "padded batch of 15": (None, dict(shared_prefix=False, question_batch=15)),
+              "shared prefix": (None, dict(shared_prefix=True, question_batch=16)),
+              "shared prefix + fast vision (sdpa)": ("sdpa_batched", dict(shared_prefix=True, question_batch=16)),
+              "shared prefix + fast vision (flex)": ("flex", dict(shared_prefix=True, question_batch=16))}
     rows = {}
-    for name, kw in setups.items():
-        seconds, answers = timed(LocalEngine(model, processor, SETTING_A, SYSTEM_PROMPT, **kw), groups, args.repeats)
+    for name, (vision, kw) in setups.items():
+        enable_fast_vision(model, backend=vision or "hf")
+        engine = (PlainTransformers(model, processor, SETTING_A, SYSTEM_PROMPT) if kw is None
+                  else LocalEngine(model, processor, SETTING_A, SYSTEM_PROMPT, **kw))
+        try:
+            seconds, answers = timed(engine, groups, args.repeats)
+        except Exception as exc:  # noqa: BLE001 - a failing variant is recorded, the others still run
+            print(f"{name}: FAILED {type(exc).__name__}: {exc}")
+            continue
         rows[name] = {"seconds_per_clip": seconds, "questions_per_s": len(recs) / seconds, "answers": answers}
         torch.cuda.empty_cache()
-    base = rows["baseline (per question)"]
+    base = rows["plain transformers (per question)"]
     print(f"{torch.cuda.get_device_name()} {args.dtype}  clip: {clip.plan.frames} frames {clip.plan.height}x{clip.plan.width}, "
           f"{clip.plan.vision_tokens} video tokens, {len(recs)} questions")
     print(f"{'engine':<26} {'s/clip':>8} {'q/s':>8} {'speedup':>8} {'same argmax':>12} {'max |dp|':>9}")

@@ -12,7 +12,9 @@ DATA_PVC = "trafficvlm-data"         # ReadWriteMany: WTS tree, LLaVA JSON, chec
 DATA_MOUNT = "/mnt/data"
 S3_SECRET = "trafficvlm-s3"          # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY[, AWS_ENDPOINT_URL_S3, ...]
 GITOPS_SECRET = "trafficvlm-gitops"  # GIT_TOKEN for the GitOps repository
-SETTINGS_CONFIGMAP = "trafficvlm-settings"  # MLFLOW_TRACKING_URI
+MLFLOW_SECRET = "trafficvlm-mlflow"  # optional: MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD
+ENDPOINT_SECRET = "trafficvlm-endpoint"  # optional: API_KEY of the served model (-> TRAFFICVLM_API_KEY)
+SETTINGS_CONFIGMAP = "trafficvlm-settings"  # MLFLOW_TRACKING_URI (manifests/pipeline/settings.yaml)
 GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}  # label set by GPU feature discovery
 GPU_TAINT = "nvidia.com/gpu"
 
@@ -39,10 +41,19 @@ def with_s3_credentials(task: PipelineTask) -> PipelineTask:
 
 
 def with_tracking(task: PipelineTask) -> PipelineTask:
-    """MLFLOW_TRACKING_URI from the settings ConfigMap (not a secret; MLflow needs --allowed-hosts for it)."""
+    """MLFLOW_TRACKING_URI from the settings ConfigMap (not a secret; MLflow needs --allowed-hosts for it),
+    and the server's basic-auth credentials from an optional Secret (absent: a server without auth)."""
     key = "MLFLOW_TRACKING_URI"
-    return kubernetes.use_config_map_as_env(task, config_map_name=SETTINGS_CONFIGMAP,
-                                            config_map_key_to_env={key: key})
+    kubernetes.use_config_map_as_env(task, config_map_name=SETTINGS_CONFIGMAP, config_map_key_to_env={key: key})
+    auth = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    return kubernetes.use_secret_as_env(task, secret_name=MLFLOW_SECRET, secret_key_to_env={k: k for k in auth},
+                                        optional=True)
+
+
+def with_endpoint_key(task: PipelineTask) -> PipelineTask:
+    """The served model's API key for the smoke test, if the endpoint wants one (optional Secret)."""
+    return kubernetes.use_secret_as_env(task, secret_name=ENDPOINT_SECRET,
+                                        secret_key_to_env={"API_KEY": "TRAFFICVLM_API_KEY"}, optional=True)
 
 
 def with_gitops_credentials(task: PipelineTask) -> PipelineTask:

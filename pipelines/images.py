@@ -26,6 +26,8 @@ STAGE_IMAGES: dict[str, str] = {
     "train": image("train"),     # the PyTorchJob's pods (torchrun + FSDP2)
     "eval": image("eval"),
     "quantize": image("quantize"),
-    "promote": image("base"),
+    "promote": image("base"),    # MLflow registry + the S3 upload of the FP8 checkpoint
     "rollout": image("base"),
+    "smoke": image("base"),      # one OpenAI-API request (httpx) with a clip decoded by PyAV
+    "tracking": image("base"),   # the pipeline's parent MLflow run: opened first, closed by the exit handler
 }

@@ -175,3 +175,11 @@ def test_component_imports_are_installed_in_its_image(component):
         if not names & provided:
             missing[module] = sorted(names)
     assert not missing, f"component {component} runs in images/{image}.Dockerfile, which lacks {missing}"
+
+
+def test_every_component_names_a_mapped_stage_image():
+    """Every pipeline step, the late ones included, runs in an image that STAGE_IMAGES maps."""
+    assert {"ingest", "prepare", "sft", "evaluate", "quantize", "promote", "rollout", "smoke", "start_tracking",
+            "finish_tracking"} <= set(COMPONENTS)
+    unmapped = {name: stage for name, (stage, _) in COMPONENTS.items() if stage not in stage_images()}
+    assert not unmapped, f"components whose base_image key is not in pipelines.images.STAGE_IMAGES: {unmapped}"

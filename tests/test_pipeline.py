@@ -16,7 +16,8 @@ from trafficvlm import cli, pipeline_cli
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "pipelines" / "compiled" / "trafficvlm.yaml"
 FAKE_SECRETS = {"AWS_ACCESS_KEY_ID": "AKIAFAKEFAKE0TEST0ID", "AWS_SECRET_ACCESS_KEY": "fake/Secret+Key0123456789",
-                "GIT_TOKEN": "ghp_faketoken0123456789abcdef"}
+                "GIT_TOKEN": "ghp_faketoken0123456789abcdef", "TRAFFICVLM_API_KEY": "sk-fake-endpoint-key-0123",
+                "API_KEY": "sk-fake-api-key-4567", "MLFLOW_TRACKING_PASSWORD": "fake-mlflow-pass-89"}
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,15 @@ def _component_dag(spec, task):
     return spec["components"][task["componentRef"]["name"]]["dag"]
 
 
+def _stages(spec):
+    """The tasks inside the exit handler (the whole pipeline but its MLflow finisher)."""
+    return _component_dag(spec, spec["root"]["dag"]["tasks"]["exit-handler-1"])["tasks"]
+
+
+def _producer(task, param):
+    return task["inputs"]["parameters"][param]["taskOutputParameter"]
+
+
 def test_committed_yaml_is_not_stale(compiled):
     assert COMMITTED.is_file(), "run `trafficvlm pipeline compile` and commit pipelines/compiled/trafficvlm.yaml"
     assert COMMITTED.read_text() == compiled.text, "stale: run `trafficvlm pipeline compile`"
@@ -43,18 +53,45 @@ def test_committed_yaml_is_not_stale(compiled):
 
 def test_dag_tasks_and_dependencies(compiled):
     root = compiled.spec["root"]["dag"]["tasks"]
-    assert set(root) == {"ingest", "prepare", "sft", "evaluate", "quantize", "condition-1"}
-    assert root["sft"]["inputs"]["parameters"]["llava_dir"]["taskOutputParameter"]["producerTask"] == "prepare"
-    assert root["evaluate"]["inputs"]["parameters"]["checkpoint"]["taskOutputParameter"]["producerTask"] == "sft"
-    assert root["prepare"]["dependentTasks"] == ["ingest"]
-    assert set(root["sft"]["dependentTasks"]) == {"ingest", "prepare"}
-    assert "sft" in root["evaluate"]["dependentTasks"] and "evaluate" in root["quantize"]["dependentTasks"]
-    gate = root["condition-1"]
-    assert "gate_passed" in gate["triggerPolicy"]["condition"]
-    inner = _component_dag(compiled.spec, gate)["tasks"]
-    assert set(inner) == {"promote", "condition-2"}
-    assert "promote" in inner["condition-2"]["triggerPolicy"]["condition"]
-    assert set(_component_dag(compiled.spec, inner["condition-2"])["tasks"]) == {"rollout"}
+    assert set(root) == {"exit-handler-1", "finish-tracking"}
+    tasks = _stages(compiled.spec)
+    assert set(tasks) == {"start-tracking", "ingest", "prepare", "sft", "evaluate", "quantize", "promote",
+                          "condition-2"}
+    assert _producer(tasks["sft"], "llava_dir")["producerTask"] == "prepare"
+    assert _producer(tasks["evaluate"], "checkpoint")["producerTask"] == "sft"
+    assert tasks["prepare"]["dependentTasks"] == ["ingest"]
+    assert set(tasks["sft"]["dependentTasks"]) == {"ingest", "prepare", "start-tracking"}
+    # the gate compares against eval's results; promote takes the gate's verdict and drop as inputs
+    assert _producer(tasks["quantize"], "eval_dir") == {"outputParameterKey": "results_dir",
+                                                         "producerTask": "evaluate"}
+    for param, key in (("fp8_gate_passed", "gate_passed"), ("fp8_drop", "accuracy_drop"),
+                       ("fp8_checkpoint", "fp8_checkpoint")):
+        assert _producer(tasks["promote"], param) == {"outputParameterKey": key, "producerTask": "quantize"}
+    # rollout and the smoke test only when promote moved `champion`; smoke after rollout
+    assert tasks["condition-2"]["triggerPolicy"]["condition"] == \
+        "inputs.parameter_values['pipelinechannel--promote-Output'] == true"  # promoted (kfp.local reads it)
+    inner = _component_dag(compiled.spec, tasks["condition-2"])["tasks"]
+    assert set(inner) == {"rollout", "smoke"} and inner["smoke"]["dependentTasks"] == ["rollout"]
+    assert inner["rollout"]["inputs"]["parameters"]["model_version"]["componentInputParameter"] == \
+        "pipelinechannel--promote-version"
+    assert inner["smoke"]["inputs"]["parameters"]["champion_before"]["componentInputParameter"] == \
+        "pipelinechannel--promote-champion_before"
+
+
+def test_every_stage_logs_under_one_mlflow_parent_run(compiled):
+    tasks = _stages(compiled.spec)
+    for name in ("ingest", "sft", "evaluate", "quantize", "promote"):
+        assert _producer(tasks[name], "parent_run_id") == {"outputParameterKey": "Output",
+                                                            "producerTask": "start-tracking"}, name
+    inner = _component_dag(compiled.spec, tasks["condition-2"])["tasks"]
+    for name in ("rollout", "smoke"):
+        assert inner[name]["inputs"]["parameters"]["parent_run_id"]["componentInputParameter"] == \
+            "pipelinechannel--start-tracking-Output"
+    # the exit handler closes the parent run whatever happened, finding it by the run id
+    finisher = compiled.spec["root"]["dag"]["tasks"]["finish-tracking"]
+    assert finisher["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert finisher["inputs"]["parameters"]["status"] == {"taskFinalStatus": {"producerTask": "exit-handler-1"}}
+    assert finisher["inputs"]["parameters"]["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
 
 
 def test_parameters_have_types_and_defaults(compiled):
@@ -63,40 +100,70 @@ def test_parameters_have_types_and_defaults(compiled):
               "gpus_per_node": ("NUMBER_INTEGER", 8), "fps": ("NUMBER_DOUBLE", 1.0),
               "max_pixels": ("NUMBER_INTEGER", 81920), "subsets": ("LIST", ["environment"]),
               "strict": ("BOOLEAN", False), "launcher": ("STRING", "pytorchjob"),
-              "max_fp8_accuracy_drop": ("NUMBER_DOUBLE", 0.01), "gitops_branch": ("STRING", "main")}
+              "max_fp8_accuracy_drop": ("NUMBER_DOUBLE", 0.01), "gitops_branch": ("STRING", "main"),
+              "checkpoint_store": ("STRING", "s3://trafficvlm-models/checkpoints"),
+              "max_p_value": ("NUMBER_DOUBLE", 0.05), "smoke_endpoint": ("STRING", ""),
+              "volume_mount": ("STRING", "/mnt/data")}
     for name, (kind, default) in expect.items():
         assert params[name]["parameterType"] == kind, name
         assert params[name]["defaultValue"] == default, name
     assert all("defaultValue" in p for p in params.values())  # a UI run needs no typing
 
 
+def test_every_pipeline_parameter_is_used(compiled):
+    """A parameter no task reads is a lie in the UI (the recurring run once passed two such names)."""
+    dags = [compiled.spec["root"]["dag"]] + [c["dag"] for c in compiled.spec["components"].values() if "dag" in c]
+    used = {param.get("componentInputParameter", "").removeprefix("pipelinechannel--")
+            for dag in dags for task in dag["tasks"].values()
+            for param in task.get("inputs", {}).get("parameters", {}).values()}
+    assert set(compiled.spec["root"]["inputDefinitions"]["parameters"]) <= used
+
+
+def test_recurring_run_passes_only_real_parameters():
+    doc = yaml.safe_load((REPO / "manifests" / "pipeline" / "recurring-run.yaml").read_text())
+    names = [p["name"] for p in doc["spec"]["workflow"]["parameters"]]
+    unknown = set(names) - set(pipeline_cli.pipeline_parameters())
+    assert names and not unknown, f"recurring-run.yaml passes parameters the pipeline lacks: {unknown}"
+
+
 def test_run_id_is_resolved_at_run_time(compiled):
-    sft_inputs = compiled.spec["root"]["dag"]["tasks"]["sft"]["inputs"]["parameters"]
+    sft_inputs = _stages(compiled.spec)["sft"]["inputs"]["parameters"]
     assert sft_inputs["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
 
 
 def test_caching_per_step(compiled):
-    root = compiled.spec["root"]["dag"]["tasks"]
-    assert root["prepare"]["cachingOptions"] == {"enableCache": True}
-    for name in ("ingest", "sft", "evaluate", "quantize"):
-        assert not root[name]["cachingOptions"].get("enableCache"), name
+    tasks = _stages(compiled.spec)
+    assert tasks["prepare"]["cachingOptions"] == {"enableCache": True}
+    for name in ("start-tracking", "ingest", "sft", "evaluate", "quantize", "promote"):
+        assert not tasks[name]["cachingOptions"].get("enableCache"), name
+    inner = _component_dag(compiled.spec, tasks["condition-2"])["tasks"]
+    assert not any(t["cachingOptions"].get("enableCache") for t in inner.values())
+
+
+STAGE_OF = {"exec-start-tracking": "tracking", "exec-finish-tracking": "tracking", "exec-ingest": "ingest",
+            "exec-prepare": "prepare", "exec-sft": "sft", "exec-evaluate": "eval", "exec-quantize": "quantize",
+            "exec-promote": "promote", "exec-rollout": "rollout", "exec-smoke": "smoke"}
 
 
 def test_images_and_no_pip_install(compiled):
     executors = compiled.spec["deploymentSpec"]["executors"]
-    stage_of = {"exec-ingest": "ingest", "exec-prepare": "prepare", "exec-sft": "sft", "exec-evaluate": "eval",
-                "exec-quantize": "quantize", "exec-promote": "promote", "exec-rollout": "rollout"}
-    assert set(executors) == set(stage_of)
+    assert set(executors) == set(STAGE_OF)
     for name, executor in executors.items():
         container = executor["container"]
-        assert container["image"] == STAGE_IMAGES[stage_of[name]]
+        assert container["image"] == STAGE_IMAGES[STAGE_OF[name]]
         assert "pip install" not in " ".join(container["command"])  # air-gapped: kfp is in the image
+
+
+def _secrets(executor):
+    return {s["secretName"]: ({e["secretKey"]: e["envVar"] for e in s["keyToEnv"]}, s["optional"])
+            for s in executor.get("secretAsEnv", [])}
 
 
 def test_kubernetes_settings_on_the_right_tasks(compiled):
     k8s = compiled.k8s
     pvc = {"constant": "trafficvlm-data", "mountPath": "/mnt/data"}
-    for name in ("exec-ingest", "exec-prepare", "exec-sft", "exec-evaluate", "exec-quantize", "exec-rollout"):
+    for name in ("exec-ingest", "exec-prepare", "exec-sft", "exec-evaluate", "exec-quantize", "exec-promote",
+                 "exec-rollout", "exec-smoke"):
         assert pvc.items() <= k8s[name]["pvcMount"][0].items(), name
     for name in ("exec-sft", "exec-evaluate", "exec-quantize"):
         assert k8s[name]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
@@ -106,8 +173,35 @@ def test_kubernetes_settings_on_the_right_tasks(compiled):
     s3_keys = {e["secretKey"] for s in k8s["exec-ingest"]["secretAsEnv"] for e in s["keyToEnv"]
                if s["secretName"] == "trafficvlm-s3"}
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= s3_keys
-    assert "secretAsEnv" not in k8s["exec-prepare"]
-    assert [s["secretName"] for s in k8s["exec-rollout"]["secretAsEnv"]] == ["trafficvlm-gitops"]
+    assert "secretAsEnv" not in k8s["exec-prepare"] and "configMapAsEnv" not in k8s["exec-prepare"]
+    assert "trafficvlm-s3" in _secrets(k8s["exec-promote"])  # uploads the FP8 checkpoint
+    assert set(_secrets(k8s["exec-rollout"])) == {"trafficvlm-gitops", "trafficvlm-mlflow"}
+    assert _secrets(k8s["exec-rollout"])["trafficvlm-gitops"] == ({"GIT_TOKEN": "GIT_TOKEN"}, False)
+    # the smoke test's API key: an optional Secret, read as an env var, never a parameter
+    assert _secrets(k8s["exec-smoke"])["trafficvlm-endpoint"] == ({"API_KEY": "TRAFFICVLM_API_KEY"}, True)
+    assert "trafficvlm-s3" not in _secrets(k8s["exec-smoke"]) and "trafficvlm-gitops" not in _secrets(k8s["exec-smoke"])
+
+
+def test_tracking_settings_on_every_logging_step(compiled):
+    for name in set(STAGE_OF) - {"exec-prepare"}:
+        executor = compiled.k8s[name]
+        (cm,) = executor["configMapAsEnv"]
+        assert cm["configMapName"] == "trafficvlm-settings" and not cm["optional"], name
+        assert cm["keyToEnv"] == [{"configMapKey": "MLFLOW_TRACKING_URI", "envVar": "MLFLOW_TRACKING_URI"}]
+        auth, optional = _secrets(executor)["trafficvlm-mlflow"]
+        assert optional and set(auth) == {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}, name
+
+
+def test_settings_configmap_and_secrets_readme_match_the_pipeline():
+    from pipelines import cluster
+
+    (cm,) = yaml.safe_load_all((REPO / "manifests" / "pipeline" / "settings.yaml").read_text())
+    assert cm["kind"] == "ConfigMap" and cm["metadata"]["name"] == cluster.SETTINGS_CONFIGMAP
+    assert "MLFLOW_TRACKING_URI" in cm["data"]
+    readme = (REPO / "manifests" / "secrets" / "README.md").read_text()
+    for name in (cluster.S3_SECRET, cluster.GITOPS_SECRET, cluster.MLFLOW_SECRET, cluster.ENDPOINT_SECRET,
+                 cluster.SETTINGS_CONFIGMAP, "GIT_TOKEN", "API_KEY", "MLFLOW_TRACKING_USERNAME"):
+        assert f"`{name}`" in readme, name
 
 
 def test_sft_resources_pass_through_to_the_job(compiled):
@@ -126,6 +220,7 @@ def test_no_secret_values_in_the_yaml(compiled):
     for value in FAKE_SECRETS.values():
         assert value not in compiled.text
     assert "AWS_SECRET_ACCESS_KEY" in compiled.text  # the key is referenced, its value is not
+    assert "TRAFFICVLM_API_KEY" in compiled.text and "x-access-token" in compiled.text  # names, not values
 
 
 # --- kfp.local ------------------------------------------------------------------------------------------

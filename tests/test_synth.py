@@ -173,6 +173,14 @@ def test_same_seed_same_bytes_other_seed_differs(tree, tmp_path):
     assert any(ours[k] != theirs[k] for k in mp4) or set(theirs) != set(ours)
 
 
+def test_parallel_rendering_gives_the_same_bytes(tree, tmp_path):
+    """--workers changes who renders each video, never what it contains."""
+    parallel = tmp_path / "parallel"
+    summary = synthesize(parallel, seed=3, workers=2, **SMALL)
+    assert summary.videos >= 4
+    assert _tree_hash(parallel) == _tree_hash(tree)
+
+
 def test_pixels_show_the_ground_truth():
     """Mean sky colour tells the weather; ground luminance the brightness; the road tint wet vs dry."""
     scenes = plan_dataset(seed=0, scenarios=24, normal=0, bdd=0, val_fraction=0.0)
@@ -234,6 +242,8 @@ def test_bad_settings_are_rejected(tmp_path):
     (tmp_path / "c" / "mine.txt").write_text("x")
     with pytest.raises(ValueError, match="not empty"):
         synthesize(tmp_path / "c", progress=False)
+    with pytest.raises(ValueError, match="--workers"):
+        synthesize(tmp_path / "d", workers=0, progress=False)
 
 
 def test_cli_writes_a_tree(tmp_path, capsys):

@@ -19,11 +19,13 @@ COMMANDS = (
     "trafficvlm.launcher",             # sft job: the PyTorchJob the cluster stage creates
     "trafficvlm.stages.evaluate",      # eval, compare: score checkpoints and endpoints
     "trafficvlm.stages.quantize",      # quantize, export: FP8 PTQ with a gate; deployable bundles
+    "trafficvlm.stages.promote",       # promote, champion: the gate; MLflow registry aliases
     "trafficvlm.stages.rollout",       # rollout: GitOps / Helm promotion of a checkpoint
     "trafficvlm.serve.cli",            # serve, ask: a local OpenAI-compatible endpoint and its client
     "trafficvlm.pipeline_cli",         # pipeline compile|run|submit|schedule
     "trafficvlm.demo",                 # demo: the whole pipeline locally on the embedded default
     "trafficvlm.tokens",               # tokens: the vision-token budget planner
+    "trafficvlm.cache_cli",            # cache warm: decode every clip once into the frame cache
     "trafficvlm.model",                # build-tiny: a tiny Qwen2.5-VL checkpoint, offline
     "trafficvlm.doctor",               # doctor: versions, devices, backends, known-bad combinations
 )

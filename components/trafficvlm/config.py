@@ -250,14 +250,15 @@ class ModelSection:
     build_tiny: bool = False
     max_length: int = 32768          # the recipe's policy.model_max_length; longer samples are an error
     attn_implementation: str = "sdpa"
-    # "7b": train the Qwen2.5-VL-7B architecture (model.config_7b) from random weights, for benchmarks with
-    # no checkpoint at hand; `path` then supplies only the tokenizer and processor (build_tiny writes them).
-    # Random weights are not worth saving: such a run writes no checkpoints and no final/ bundle.
+    # "7b" (or "tiny", for CPU smoke runs): train that architecture (model.config_7b / config_tiny) from
+    # random weights, for benchmarks with no checkpoint at hand; `path` then supplies only the tokenizer and
+    # processor (build_tiny writes them). Random weights are not worth saving: such a run writes no
+    # checkpoints and no final/ bundle.
     random_init: str | None = None
 
     def __post_init__(self) -> None:
-        if self.random_init not in (None, "7b"):
-            raise ValueError(f"random_init must be \"7b\" or unset, got {self.random_init!r}")
+        if self.random_init not in (None, "7b", "tiny"):
+            raise ValueError(f"random_init must be \"7b\", \"tiny\" or unset, got {self.random_init!r}")
 
 
 @dataclass

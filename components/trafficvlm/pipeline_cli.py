@@ -30,6 +30,9 @@ examples:
   trafficvlm pipeline compile
   trafficvlm pipeline run --local --dataset-dir data/wts --work-dir runs/pipeline
   trafficvlm pipeline run --local --dataset-uri s3://wts/raw --splits val      # AWS_* env for credentials
+  # the whole DAG: promotion needs an MLflow server (MLFLOW_TRACKING_URI) and a bucket for the FP8 checkpoint
+  trafficvlm pipeline run --local --dataset-dir data/wts --param checkpoint_store=s3://models/checkpoints \\
+      --param gitops_repo=file:///srv/deploy.git --param smoke_endpoint=http://127.0.0.1:8000
   trafficvlm pipeline submit --host http://localhost:8080 --experiment wts \\
       --param nodes=2 --param gpus_per_node=8
   trafficvlm pipeline schedule --host http://localhost:8080 --cron "0 0 3 * * 0" --experiment nightly
@@ -130,7 +133,8 @@ def run_local(dataset: str | Path, work_dir: str | Path, *, params: dict[str, An
                raise_on_error=True, enable_caching=cache, cache_root=str(work / "kfp-cache"))
     source = dataset if str(dataset).startswith("s3://") else str(Path(dataset).resolve())
     # The embedded default: the tiny model (built on first use by the tiny config) on a CPU.
-    arguments = {"dataset_uri": source, "data_root": str(work / "data"),
+    # WORK stands in for the data volume: data and checkpoints under it, as on a cluster under /mnt/data.
+    arguments = {"dataset_uri": source, "data_root": str(work / "data"), "volume_mount": str(work),
                  "output_root": str(work / "checkpoints"), "base_model": str(work / "models" / "tiny"),
                  "train_config": str(REPO_ROOT / "configs" / "sft" / "tiny_cpu.toml"),
                  "launcher": "local", "nodes": 1, "gpus_per_node": 0, **(params or {})}

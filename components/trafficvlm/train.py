@@ -102,13 +102,13 @@ def build_model(cfg: TrainConfig, device: torch.device):
 
 
 def random_model(cfg: TrainConfig, device: torch.device):
-    """`model.random_init = "7b"`: the 7B architecture with random fp32 weights, built on this rank's device
-    (every rank the same, from the seed), with the vision attention `load_model` would give it on GPU."""
+    """`model.random_init = "7b" | "tiny"`: that architecture with random fp32 weights, built on this rank's
+    device (every rank the same, from the seed), with the vision attention `load_model` gives it on GPU."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from trafficvlm.model import config_7b
+    from trafficvlm.model import config_7b, config_tiny
 
-    config = config_7b()
+    config = {"7b": config_7b, "tiny": config_tiny}[cfg.model.random_init]()
     config._attn_implementation = cfg.model.attn_implementation
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32)
@@ -364,16 +364,14 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
         png = monitor.close()
         final = out / "final"
         meta = _bundle_meta(cfg)
-        if cfg.model.random_init:
-            if info.is_main:
-                print("model.random_init: random weights, no final/ bundle written")
-        else:
+        if not cfg.model.random_init:
             checkpoint.export_bundle(model, final, base_model_dir=cfg.model.path, meta=meta, info=info, lora=lora)
         if info.is_main:
             for artifact in (out / "config.toml", out / "metrics.jsonl", png):
                 if artifact:
                     tracking.log_artifact(artifact, uri=cfg.tracking.uri)
-            print(f"final model: {final}")
+            print("model.random_init: random weights, no final/ bundle written" if cfg.model.random_init
+                  else f"final model: {final}")
     return TrainResult(str(out), str(final), total, monitor.losses[-1] if monitor.losses else None,
                        monitor.losses, [str(p) for p in saved])
 

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Run GPU benchmarks on a machine whose python3 already has torch/transformers (e.g. an NVIDIA PyTorch
+# image), with the project from this checkout and any extra wheels in .whl/ (installed to /tmp/site).
+#
+#   bash bench/device.sh vision eval          # one GPU
+#   bash bench/device.sh fp8
+#   bash bench/device.sh train-lora           # one GPU
+#   bash bench/device.sh train-fsdp           # all visible GPUs (torchrun)
+#
+# Logs and JSON go to $OUT (default bench/results/). Each bench has its own time limit so one slow or
+# failing bench does not take the others down.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD/components:$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# Never NVLink multicast on shared hosts.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$OUT/gpu.txt"
+
+run() {  # name, seconds, command...
+  local name=$1 secs=$2; shift 2
+  echo "=== $name (limit ${secs}s): $*"
+  local t0=$SECONDS
+  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
+  echo "=== $name exit $? after $((SECONDS - t0)) s"
+  tail -n 25 "$OUT/$name.log"
+}
+
+for bench in "$@"; do
+  case $bench in
+    vision) run vision_7b 180 python3 bench/vision_7b.py --out "$OUT/vision_7b.json" ;;
+    eval) run eval_shared_prefix 240 python3 bench/eval_shared_prefix.py --out "$OUT/eval_shared_prefix.json" ;;
+    fp8) run fp8_eval 390 python3 bench/fp8_eval.py --repeats 3 --workdir /tmp/fp8bench --out "$OUT/fp8_eval.json" ;;
+    gpu-tests) run gpu_tests 140 python3 -m pytest -q -p no:cacheprovider tests/test_processing.py tests/test_model.py tests/test_fast_vision.py ;;
+    train-lora) run train_lora 200 python3 bench/train_7b.py --iters 4 --warmup 1 --out "$OUT/train_7b_lora.json" ;;
+    train-fsdp) run train_fsdp 540 torchrun --standalone --nproc-per-node "$NGPU" bench/train_7b.py --fsdp --iters 3 --warmup 1 --out "$OUT/train_7b_fsdp_${NGPU}gpu.json" ;;
+    *) echo "unknown bench: $bench"; exit 2 ;;
+  esac
+done
