@@ -42,7 +42,8 @@ for bench in "$@"; do
     fp8) run fp8_eval 390 python3 bench/fp8_eval.py --repeats 3 --workdir /tmp/fp8bench --out "$OUT/fp8_eval.json" ;;
     gpu-tests) run gpu_tests 140 python3 -m pytest -q -p no:cacheprovider tests/test_processing.py tests/test_model.py tests/test_fast_vision.py ;;
     train-lora) run train_lora 200 python3 bench/train_7b.py --iters 4 --warmup 1 --out "$OUT/train_7b_lora.json" ;;
-    train-fsdp) run train_fsdp 540 torchrun --standalone --nproc-per-node "$NGPU" bench/train_7b.py --fsdp --iters 3 --warmup 1 --out "$OUT/train_7b_fsdp_${NGPU}gpu.json" ;;
+    train-fsdp) run train_fsdp 260 torchrun --standalone --nproc-per-node "$NGPU" bench/train_7b.py --fsdp --iters 3 --warmup 1 --out "$OUT/train_7b_fsdp_${NGPU}gpu.json" ;;
+    recipe-dry) run recipe_scale 190 env SCENARIOS=6 SIZE=640x360 WORKERS=32 bash bench/recipe_scale.sh --max-steps 4 ;;
     *) echo "unknown bench: $bench"; exit 2 ;;
   esac
 done
