@@ -295,3 +295,36 @@ def test_redact_removes_credentials(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
     text = redact("failed with s3cr3t-value at https://x/?X-Amz-Signature=abc123&X-Amz-Credential=AKIA/x")
     assert "s3cr3t-value" not in text and "abc123" not in text and "AKIA/x" not in text
+
+
+def test_sigkilled_cli_run_is_completed_by_a_rerun(s3_server, tmp_path):  # noqa: F811
+    """A real `trafficvlm ingest` process killed with SIGKILL half-way; the rerun fetches only the rest."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = make_tree(tmp_path / "src")
+    for i in range(400):  # enough objects that one worker is still busy when the kill lands
+        (src / f"videos/train/S1/overhead_view/S1_Camera1_{i + 1}.mp4").write_bytes(_blob(f"x{i}", 4000))
+    uri = f"s3://wts-{uuid.uuid4().hex[:10]}/wts"
+    run_upload(src, uri, create_bucket=True, workers=8, progress=False)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "trafficvlm", "ingest", uri, "--out", str(out), "--workers", "1", "--quiet",
+           "--subsets", "environment,overhead,vehicle", "--allow-missing-videos"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    videos = out / "videos/train/S1/overhead_view"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if videos.is_dir() and len(list(videos.glob("*.mp4"))) >= 40:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "ingest finished before it could be killed; raise the object count"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    done_before = {k for k in tree_bytes(out) if TMP_SUFFIX not in k}
+    assert 40 <= len(done_before) < 414
+
+    resumed = ingest(uri, out, allow_missing_videos=True)
+    assert resumed.downloaded <= 414 - len(done_before) + 1  # the object in flight at the kill may repeat
+    assert tree_bytes(out) == tree_bytes(src)
