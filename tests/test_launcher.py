@@ -49,7 +49,7 @@ def test_job_validates_against_crd_and_webhook(nodes, gpus):
     assert "--resume" in args and args[args.index("--config") + 1] == "/etc/trafficvlm/sft.toml"
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["NCCL_DEBUG"] == "WARN" and env["NCCL_NVLS_ENABLE"] == "0"
-    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == env["NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and "NCCL_ASYNC_ERROR_HANDLING" not in env  # deprecated name
     pod = replicas["Master"]["template"]["spec"]
     shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"]["medium"] == "Memory"

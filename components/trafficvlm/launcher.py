@@ -43,9 +43,10 @@ TRAINER_KEYS = {
     "total_pixels": "video.total_pixels",
     "learning_rate": "train.lr", "epochs": "train.epochs", "global_batch_size": "train.global_batch",
 }
-# NCCL: warnings only; fail fast on a hung collective instead of waiting out the timeout (both spellings:
-# torch renamed the variable); NVLink SHARP (NVLS) off, as on the device machines (multicast unsupported).
-NCCL_ENV = {"NCCL_DEBUG": "WARN", "NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+# NCCL: warnings only; fail fast on a hung collective instead of waiting out the timeout (torch's current
+# name; the old NCCL_ASYNC_ERROR_HANDLING only prints a deprecation warning); NVLink SHARP (NVLS) off, as
+# on the device machines (multicast unsupported).
+NCCL_ENV = {"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
             "NCCL_NVLS_ENABLE": "0"}
 # The SFT engines (TrainConfig.train.engine): our torchrun + FSDP2 trainer in the train image, or the
 # reference recipe's cosmos-rl in its own image (trafficvlm.cosmos_rl; transformers < 5, flash-attn, redis).
