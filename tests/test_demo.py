@@ -119,6 +119,8 @@ def test_demo_quick_end_to_end(tmp_path):
     for key in demo.SUMMARY_KEYS:
         assert key in summary, key
     assert summary["promoted"] is True
+    assert summary["registry"]["champion"]["smoke_test"] == "passed"   # the pipeline's step, on the deployed model
+    assert summary["deployed"] and summary["live_answer"]["ok"]
     commit = summary["gitops_commit"]
     bare = summary["gitops_repo"]
     assert commit and subprocess.run(["git", "--git-dir", bare, "cat-file", "-t", commit], capture_output=True,
@@ -127,7 +129,7 @@ def test_demo_quick_end_to_end(tmp_path):
     assert "synthetic" in done.stdout.lower() and "tiny" in done.stdout.lower()
     left = subprocess.run(["pgrep", "-f", str(out.resolve())], capture_output=True, text=True).stdout.split()
     assert not left, f"processes left running: {left}"
-    assert set(summary["service_pids"]) >= {"s3", "mlflow", "serve"}
+    assert set(summary["service_pids"]) >= {"s3", "mlflow", "endpoint"}   # endpoint: the deployed model
     assert not [name for name, pid in summary["service_pids"].items() if _alive(pid)]
 
 

@@ -559,21 +559,13 @@ def ask_live(endpoint: str, val_data: Path, media_dir: Path) -> dict[str, Any]:
 
 # --- results ------------------------------------------------------------------------------------------------------
 
-def _first_file(root: Path, names: tuple[str, ...]) -> Path | None:
-    for name in names:
-        found = sorted(root.rglob(name)) if root.is_dir() else []
-        if found:
-            return found[0]
-    return None
-
-
-def fp8_accuracy(run_dir: Path) -> tuple[float | None, Path | None]:
-    """The FP8 gate's score of the quantized model, from the quantize stage's report."""
-    report = _first_file(run_dir, ("quantize_report.json",))
-    if report is None:
-        return None, None
+def fp8_accuracy(run_dir: Path) -> float | None:
+    """The FP8 gate's score of the quantized model (RUN/fp8/quantize_report.json; None when it did not run)."""
+    report = run_dir / "fp8" / "quantize_report.json"
+    if not report.is_file():
+        return None
     acc = (json.loads(report.read_text()).get("gate") or {}).get("accuracy_fp8")
-    return (float(acc) if acc is not None else None), report.parent
+    return float(acc) if acc is not None else None
 
 
 def registry_state(model_name: str) -> dict[str, Any]:
@@ -751,7 +743,7 @@ def _run(cfg: DemoConfig, out: Path, clock: StageClock, env: dict[str, str], dep
 def summarize(cfg: DemoConfig, out: Path, run_dir: Path, env: dict[str, str], deployer: LocalDeployer,
               baselines: dict[str, dict[str, Any]], live: dict[str, Any] | None) -> dict[str, Any]:
     sft = json.loads((run_dir / "eval" / "results.json").read_text())
-    fp8_acc, _ = fp8_accuracy(run_dir)
+    fp8_acc = fp8_accuracy(run_dir)
     registry = registry_state(cfg.model_name)
     champion = registry["champion"] or {}
     head = _git("--git-dir", str(deployer.bare), "rev-parse", "main")
