@@ -194,11 +194,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     on_gpu = args.device.startswith("cuda")
     kernels = "fp8 (FP8 kernels)" if on_gpu else "fp8 (loader default: emulated on CPU)"
     emulated = "fp8 (emulated, as the CPU gate)"
+    def same_vision(model):
+        # The vision tower is bf16 in every variant: give the FP8 rows the fast tower `load_model` gives bf16
+        # (the 2026-11-26 H100 run lacked this, so its FP8 vision/prefill rows include the slow HF tower).
+        if on_gpu:
+            from trafficvlm.fast_vision import enable_fast_vision
+            enable_fast_vision(model)
+        return model
+
     loaders = {"bf16": lambda: load_model(src, dtype=torch.bfloat16, device=args.device),
                # on a GPU insist on the kernels: an error, never a silent fallback
-               kernels: lambda: load_quantized(work / "fp8", args.device, dtype=torch.bfloat16,
-                                               fp8_kernels=True if on_gpu else None),
-               emulated: lambda: load_quantized(work / "fp8", args.device, dtype=torch.bfloat16, fp8_kernels=False)}
+               kernels: lambda: same_vision(load_quantized(work / "fp8", args.device, dtype=torch.bfloat16,
+                                                           fp8_kernels=True if on_gpu else None)),
+               emulated: lambda: same_vision(load_quantized(work / "fp8", args.device, dtype=torch.bfloat16,
+                                                            fp8_kernels=False))}
     rows: dict[str, dict[str, Any]] = {}
     for name, load in loaders.items():
         model = load().eval()
