@@ -10,51 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from sft_fixtures import TINY_CONFIG, make_tiny_env
+from sft_fixtures import TINY_CONFIG, make_tiny_env, recipe_sft_config
 from trafficvlm.config import ConfigError, load_train_config, map_recipe_sft, save_config
 
-# The reference recipe's sft_config.toml (cosmos-cookbook, intelligent-transportation), key for key; the
-# test points its paths at synthetic data and shrinks the batch (16 x 8 replicas would need 128 samples).
-RECIPE_SFT = """\
-[custom.dataset]
-annotation_path = "{annotation}"
-media_path = "{media}"
-system_prompt = "You are a helpful assistant that can answer questions about a street-view CCTV footage."
-
-[custom.vision]
-fps = 1
-max_pixels = 12544
-
-[train]
-output_dir = "{out}"
-optm_warmup_steps = 0
-optm_lr = 2e-3
-train_batch_per_replica = 2
-enable_validation = false
-
-[policy]
-model_name_or_path = "{model}"
-model_max_length = 81920
-
-[logging]
-logger = ['console', 'wandb']
-project_name = "cosmos_reason1"
-experiment_name = "post_training/wts_environment_mcq"
-
-[train.train_policy]
-type = "sft"
-mini_batch = 1
-dataset.test_size = 0
-
-[train.ckpt]
-enable_checkpoint = true
-
-[policy.parallelism]
-tp_size = 1
-cp_size = 1
-dp_shard_size = 1
-pp_size = 1
-"""
+def recipe_for(annotation, media, out, model) -> str:
+    """The recipe's own file, its paths pointed at synthetic data and its batch shrunk (16 x 8 replicas
+    would need 128 samples)."""
+    return recipe_sft_config(**{"custom.dataset.annotation_path": str(annotation),
+                                "custom.dataset.media_path": str(media), "custom.vision.max_pixels": 12544,
+                                "train.output_dir": str(out), "train.optm_lr": 2e-3,
+                                "train.train_batch_per_replica": 2, "policy.model_name_or_path": str(model),
+                                "policy.parallelism.dp_shard_size": 1})
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +31,7 @@ def env(tmp_path_factory):
 def test_recipe_keys_map_and_the_rest_are_listed():
     import tomllib
 
-    data = tomllib.loads(RECIPE_SFT.format(annotation="a.json", media="m", out="o", model="p"))
+    data = tomllib.loads(recipe_for("a.json", "m", "o", "p"))
     data["train"]["train_batch_per_replica"] = 16
     data["policy"]["parallelism"]["dp_shard_size"] = 8
     mapped, ignored = map_recipe_sft(data)
@@ -207,7 +173,7 @@ def test_recipe_sft_config_trains_the_loss_falls_and_final_loads_with_transforme
 
     out = tmp_path / "run"
     cfg_file = tmp_path / "sft_config.toml"
-    cfg_file.write_text(RECIPE_SFT.format(annotation=env.annotation, media=env.media, out=out, model=env.model))
+    cfg_file.write_text(recipe_for(env.annotation, env.media, out, env.model))
     result = run_train(cfg_file, ["train.max_steps=8", "data.limit=2", "video.min_pixels=3136",
                                   f"data.frame_cache={env.cache}", "train.device=cpu",
                                   "train.grad_checkpointing=false"])
