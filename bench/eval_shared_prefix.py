@@ -1,6 +1,7 @@
 """Shared-prefix letter scoring vs one forward per question, on the Qwen2.5-VL-7B architecture (GPU).
 
     PYTHONPATH=components python3 bench/eval_shared_prefix.py --out bench/results/eval_shared_prefix.json
+    PYTHONPATH=components python3 bench/eval_shared_prefix.py --prep-only     # CPU: preprocessing split only
 
 Random-init 7B weights in bf16 (the architecture and token counts are what matter for speed), one synthetic
 75 s clip planned as the recipe's setting A (74 frames at 196x364: 3,367 video tokens), 15 WTS environment
@@ -10,13 +11,22 @@ questions. Three engines score the same questions:
 - baseline: `trafficvlm.evaluate.LocalEngine` with `--shared-prefix off --question-batch 1`;
 - padded:   `--shared-prefix off --question-batch 15` (one padded batch, the video repeated per row);
 - shared:   the default (one prefill of system prompt + video, 15 suffixes on copies of its KV cache),
-  with the HF vision tower and with `trafficvlm.fast_vision` (one attention call per vision layer).
-It prints a table and writes JSON (card, versions, config, times, agreement with the baseline).
+  with the HF vision tower and with `trafficvlm.fast_vision` (one attention call per vision layer);
+- prefetched: the shared/flex engine as `trafficvlm eval` runs it, the next clip prepared on the CPU in a
+  thread while the GPU scores the current one (`stages.evaluate._prefetched`);
+- compiled vision (last; `--no-compile-vision` skips it): the same with `compile_vision=True`.
+Every timed call gets a fresh clip (new frames, as in a real run, so the per-clip patchify counts). Each
+row reports ms per clip end to end and, separately, the CPU preprocessing inside it (`Preprocessor.encode`
+and `LocalEngine.prepare`: prompts, positions, patchify, dtype cast); for prefetched rows that CPU time runs
+in the background thread. `--prep-only` needs no GPU or weights: it times the old per-question encodes
+against the prefix-once encoding at setting A. It prints a table and writes JSON (card, versions, config,
+times, agreement with the baseline).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -63,6 +73,32 @@ def synthetic_clip(seed: int = 0) -> Clip:
     return Clip(frames, p.indices, 30.0, p.second_per_grid, p, "synthetic")
 
 
+class CpuTimer:
+    """Wall time spent inside the wrapped preprocessing calls (outermost call only, so nested encodes
+    are not counted twice)."""
+
+    def __init__(self):
+        self.seconds, self._depth = 0.0, 0
+
+    def wrap(self, fn):
+        @functools.wraps(fn)
+        def timed_call(*args, **kwargs):
+            self._depth += 1
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self.seconds += time.perf_counter() - start
+        return timed_call
+
+    def instrument(self, engine) -> None:
+        engine.pre.encode = self.wrap(engine.pre.encode)
+        if hasattr(engine, "prepare"):
+            engine.prepare = self.wrap(engine.prepare)
+
+
 class PlainTransformers:
     """One plain `model(**inputs)` per question (full logits), scored like the letter engine."""
 
@@ -90,14 +126,63 @@ class PlainTransformers:
         return out
 
 
-def timed(engine, groups, repeats: int) -> tuple[float, list]:
-    engine.score(groups)  # warm-up (kernels, allocator)
+def timed(engine, recs, clips: list[Clip], prefetch: bool) -> tuple[float, float, list]:
+    """(seconds per clip, CPU preprocessing seconds per clip, answers of the first clip). clips[0] warms up
+    (kernels, allocator, compile); the rest are timed, serially or through the eval loop's prefetch."""
+    from trafficvlm.stages.evaluate import _prefetched
+
+    timer = CpuTimer()
+    timer.instrument(engine)
+    engine.score([(recs, clips[0])])
     torch.cuda.synchronize()
+    timer.seconds = 0.0
     start = time.perf_counter()
-    for _ in range(repeats):
-        answers = engine.score(groups)
+    if prefetch:
+        prepared = _prefetched(lambda c: engine.prepare([(recs, c)]), clips[1:])
+        answers = [engine.score_prepared(p)[0] for p in prepared]
+    else:
+        answers = [engine.score([(recs, c)])[0] for c in clips[1:]]
     torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats, answers[0]
+    n = len(clips) - 1
+    return (time.perf_counter() - start) / n, timer.seconds / n, answers[0]
+
+
+def prep_only(repeats: int) -> dict:
+    """CPU milliseconds per clip at setting A: patchify, the dtype cast, and the prompts encoded either per
+    question in full (the former eval path) or as one prefix plus suffixes (`LocalEngine.prepare` now)."""
+    from trafficvlm.processing import Preprocessor, patchify_video
+
+    processor = Processor(build_tokenizer("byte"), PixelSpec(), chat_template(), "random-init 7B")
+    pre, recs = Preprocessor(processor, SETTING_A, SYSTEM_PROMPT), records()
+    clips = [synthetic_clip(seed) for seed in range(repeats + 1)]
+
+    def ms(fn, fresh: bool) -> float:
+        """Mean ms of fn(clip): fresh frames each call, or the same clip (the pixel memo then hits)."""
+        fn(clips[0])
+        start = time.perf_counter()
+        for k in range(1, repeats + 1):
+            fn(clips[k] if fresh else clips[0])
+        return (time.perf_counter() - start) / repeats * 1e3
+
+    def prefix_and_suffixes(clip):
+        prefix = pre.encode_prefix(recs[0], clip)
+        return [pre.encode_suffix(r, prefix) for r in recs]
+
+    pixels = patchify_video(clips[0].frames, pre.pixels)[0]
+    figures = {"patchify (once per clip)": ms(lambda c: patchify_video(c.frames, pre.pixels), True),
+               "15 full encodes (pixels memoised)": ms(lambda c: [pre.encode(r, c, with_answer=False) for r in recs],
+                                                       False),
+               "prefix once + 15 suffixes (pixels memoised)": ms(prefix_and_suffixes, False),
+               "pixels float32 -> bfloat16": ms(lambda c: pixels.to(torch.bfloat16), False)}
+    shared = figures["patchify (once per clip)"] + figures["pixels float32 -> bfloat16"]
+    figures["total, every question fully encoded"] = shared + figures["15 full encodes (pixels memoised)"]
+    figures["total, prefix once + suffixes"] = \
+        shared + figures["prefix once + 15 suffixes (pixels memoised)"]
+    print(f"CPU preprocessing per clip, setting A ({clips[0].plan.vision_tokens} video tokens, {len(recs)} "
+          f"questions, {torch.get_num_threads()} threads)")
+    for name, value in figures.items():
+        print(f"  {name:<48} {value:8.1f} ms")
+    return {"cpu_threads": torch.get_num_threads(), "ms_per_clip": figures}
 
 
 def main() -> None:
@@ -106,7 +191,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="float32 shows the engines agree up to rounding (bf16 reorders sums per batch shape)")
+    parser.add_argument("--no-compile-vision", action="store_true", help="skip the compiled-vision rows")
+    parser.add_argument("--prep-only", action="store_true", help="CPU preprocessing figures only (no GPU)")
     args = parser.parse_args()
+    if args.prep_only:
+        result = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, **prep_only(args.repeats)}
+        if args.out != parser.get_default("out"):
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        return
 
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -115,36 +208,46 @@ def main() -> None:
         model = Qwen2_5_VLForConditionalGeneration._from_config(config_7b(), dtype=getattr(torch, args.dtype),
                                                                  attn_implementation="sdpa").eval()
     processor = Processor(build_tokenizer("byte"), PixelSpec(), chat_template(), "random-init 7B")
-    clip, recs = synthetic_clip(), records()
-    groups = [(recs, clip)]
+    recs = records()
+    clips = [synthetic_clip(seed) for seed in range(args.repeats + 1)]  # fresh frames per timed call
+    clip = clips[0]
     from trafficvlm.fast_vision import enable_fast_vision
 
-    setups = {"plain transformers (per question)": (None, None),
-              "baseline (per question)": (None, dict(shared_prefix=False, question_batch=1)),
-              "padded batch of 15": (None, dict(shared_prefix=False, question_batch=15)),
-              "shared prefix": (None, dict(shared_prefix=True, question_batch=16)),
-              "shared prefix + fast vision (sdpa)": ("sdpa_batched", dict(shared_prefix=True, question_batch=16)),
-              "shared prefix + fast vision (flex)": ("flex", dict(shared_prefix=True, question_batch=16))}
+    shared = dict(shared_prefix=True, question_batch=16)
+    # name: (fast-vision backend or None for HF, LocalEngine kwargs or None for plain, prefetch)
+    setups = {"plain transformers (per question)": (None, None, False),
+              "baseline (per question)": (None, dict(shared_prefix=False, question_batch=1), False),
+              "padded batch of 15": (None, dict(shared_prefix=False, question_batch=15), False),
+              "shared prefix": (None, shared, False),
+              "shared prefix + fast vision (sdpa)": ("sdpa_batched", shared, False),
+              "shared prefix + fast vision (flex)": ("flex", shared, False),
+              "shared + flex, prefetched": ("flex", shared, True)}
+    if not args.no_compile_vision:  # last: compiling wraps the vision blocks in place
+        setups["shared + flex + compiled vision"] = ("flex", {**shared, "compile_vision": True}, False)
+        setups["shared + flex + compiled vision, prefetched"] = ("flex", {**shared, "compile_vision": True}, True)
     rows = {}
-    for name, (vision, kw) in setups.items():
+    for name, (vision, kw, prefetch) in setups.items():
         enable_fast_vision(model, backend=vision or "hf")
         engine = (PlainTransformers(model, processor, SETTING_A, SYSTEM_PROMPT) if kw is None
                   else LocalEngine(model, processor, SETTING_A, SYSTEM_PROMPT, **kw))
         try:
-            seconds, answers = timed(engine, groups, args.repeats)
+            seconds, cpu_seconds, answers = timed(engine, recs, clips, prefetch)
         except Exception as exc:  # noqa: BLE001 - a failing variant is recorded, the others still run
             print(f"{name}: FAILED {type(exc).__name__}: {exc}")
             continue
-        rows[name] = {"seconds_per_clip": seconds, "questions_per_s": len(recs) / seconds, "answers": answers}
+        rows[name] = {"seconds_per_clip": seconds, "questions_per_s": len(recs) / seconds,
+                      "cpu_prep_ms_per_clip": cpu_seconds * 1e3, "prefetched": prefetch, "answers": answers}
         torch.cuda.empty_cache()
     base = rows["plain transformers (per question)"]
     print(f"{torch.cuda.get_device_name()} {args.dtype}  clip: {clip.plan.frames} frames {clip.plan.height}x{clip.plan.width}, "
           f"{clip.plan.vision_tokens} video tokens, {len(recs)} questions")
-    print(f"{'engine':<26} {'s/clip':>8} {'q/s':>8} {'speedup':>8} {'same argmax':>12} {'max |dp|':>9}")
+    print(f"{'engine':<44} {'ms/clip':>8} {'cpu ms':>7} {'q/s':>7} {'speedup':>8} {'same argmax':>12} "
+          f"{'max |dp|':>9}")
     result = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
               "transformers": __import__("transformers").__version__,
               "date": time.strftime("%Y-%m-%d"), "config": {"spec": SETTING_A.to_dict(), "dtype": args.dtype,
                                                             "questions": len(recs), "repeats": args.repeats,
+                                                            "cpu_threads": torch.get_num_threads(),
                                                             "video_tokens": clip.plan.vision_tokens},
               "engines": {}}
     for name, r in rows.items():
@@ -152,10 +255,13 @@ def main() -> None:
         dp = max(abs(a.letter_probs[k] - b.letter_probs[k]) for a, b in zip(r["answers"], base["answers"])
                  for k in a.letter_probs)
         speedup = base["seconds_per_clip"] / r["seconds_per_clip"]
-        print(f"{name:<26} {r['seconds_per_clip']:>8.3f} {r['questions_per_s']:>8.1f} {speedup:>7.1f}x "
-              f"{same:>8}/{len(recs)} {dp:>9.2e}")
+        print(f"{name:<44} {r['seconds_per_clip'] * 1e3:>8.1f} {r['cpu_prep_ms_per_clip']:>7.1f} "
+              f"{r['questions_per_s']:>7.1f} {speedup:>7.1f}x {same:>8}/{len(recs)} {dp:>9.2e}")
         result["engines"][name] = {"seconds_per_clip": r["seconds_per_clip"], "questions_per_s": r["questions_per_s"],
+                                   "ms_per_clip": r["seconds_per_clip"] * 1e3,
+                                   "cpu_prep_ms_per_clip": r["cpu_prep_ms_per_clip"], "prefetched": r["prefetched"],
                                    "speedup_vs_baseline": speedup, "same_argmax": same, "max_prob_diff": dp}
+    result["cpu_preprocessing"] = prep_only(args.repeats)  # this host's CPU: the split behind "cpu ms"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

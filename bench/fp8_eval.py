@@ -1,8 +1,10 @@
-"""GPU benchmark: FP8 (compressed-tensors W8A8, real FP8 matmuls) vs bf16 on the 7B architecture, setting A.
+"""GPU benchmark: FP8 W8A8 (compressed-tensors kernels, torchao float8 eager and compiled) vs bf16 on the 7B
+architecture, setting A.
 
     python bench/fp8_eval.py                                  # one H100/H200; writes bench/results/fp8_eval.json
     python bench/fp8_eval.py --workdir /tmp/fp8bench --repeats 7 --out $OUT/fp8_eval.json   # on the device machine
-    python bench/fp8_eval.py --tiny --device cpu --repeats 1  # smoke test of the whole path on CPU (no timings)
+    python bench/fp8_eval.py --rows bf16,torchao,torchao-compiled                            # some rows only
+    python bench/fp8_eval.py --tiny --device cpu --repeats 1 --rows bf16,compressed-tensors,emulated  # CPU smoke
 
 What it does, all in one call so every ratio has its baseline beside it:
 1. builds Qwen2.5-VL-7B (Cosmos-Reason1-7B's architecture, `model.config_7b`) with random weights in bf16,
@@ -11,24 +13,29 @@ What it does, all in one call so every ratio has its baseline beside it:
    GPU, the ignore-list fix, `verify_checkpoint` against the source) and records the size and the check;
 3. times, with CUDA events (median of `--repeats` after a warm-up), on setting-A shapes (a 75 s 1080p30
    clip: 74 frames at 196x364, 3,367 video tokens) and 15 questions:
-     - `vision`         the vision tower alone (identical weights in both: a sanity row),
+     - `vision`         the vision tower alone (identical weights in every row: a sanity row),
      - `prefill`        one full forward of prompt + video (vision + LLM), last-token logits,
      - `shared_prefix`  our eval engine (`trafficvlm.evaluate.LocalEngine`, letter mode): one prefill per
                         clip, 15 questions batched on the cached prefix -> questions per second,
-   for bf16, FP8 with FP8 kernels (`load_quantized`, `use_optimized_inference`), and FP8 emulated
-   (dequantized weights + FP8-rounded activations: what the CPU gate computes);
-4. parity: FP8-kernel vs bf16 and vs emulated: relative L2 difference of the prefill logits, letter
-   argmax agreement and the largest letter-probability difference over the 15 questions.
+   for each row of `--rows` (ROWS; `load_quantized(backend=...)`): bf16; FP8 with compressed-tensors'
+   kernels (`use_optimized_inference`); torchao float8 eager; torchao float8 with
+   `compile_language_model` (compiled in an untimed warm-up: `compile_s`, graphs and graph breaks go
+   in the JSON); compressed-tensors' kernels compiled the same way; FP8 emulated (dequantized weights + FP8-rounded activations: what the CPU gate computes).
+   Every FP8 row gets the bf16 row's fast vision tower;
+4. parity (PAIRS): each FP8 row vs bf16, and the other FP8 rows vs compressed-tensors: relative L2
+   difference of the prefill logits, letter argmax agreement and the largest letter-probability
+   difference over the 15 questions.
 
-Random weights make near-flat logits, so argmax agreement understates what a trained model shows; the
-relative logits difference is the informative parity figure. torchao's float8 linears are the other
-in-process route (not measured here); vLLM is the serving path.
+A row that fails records its `error` and the others still run (exit status 1); the JSON is rewritten
+after every row. Random weights make near-flat logits, so argmax agreement understates what a trained
+model shows; the relative logits difference is the informative parity figure. vLLM is the serving path.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import platform
 import shutil
@@ -129,8 +136,8 @@ def workload():
     return records, clip, p
 
 
-def measure(name: str, model, processor, records, clip, repeats: int, device: str) -> dict[str, Any]:
-    """vision / prefill / shared-prefix timings of one model, and what parity needs (logits, letter probs)."""
+def probes(model, processor, records, clip, device: str) -> tuple[dict[str, Callable[[], Any]], int]:
+    """The three timed calls of one model (vision tower, prefill, shared-prefix eval) and the prompt length."""
     import torch
 
     from trafficvlm.config import SETTING_A, SYSTEM_PROMPT
@@ -154,13 +161,18 @@ def measure(name: str, model, processor, records, clip, repeats: int, device: st
     def shared():
         return engine.score([(records, clip)])[0]
 
-    result = {"vision": timed(vision, repeats, device), "prefill": timed(prefill, repeats, device),
-              "shared_prefix": timed(shared, repeats, device), "prompt_tokens": int(sample.input_ids.numel())}
-    result["shared_prefix"]["questions_per_s"] = len(records) / result["shared_prefix"]["median_s"]
-    answers = shared()
+    return {"vision": vision, "prefill": prefill, "shared_prefix": shared}, int(sample.input_ids.numel())
+
+
+def measure(name: str, fns: dict[str, Callable[[], Any]], prompt_tokens: int, questions: int, repeats: int,
+            device: str) -> dict[str, Any]:
+    """vision / prefill / shared-prefix timings of one model, and what parity needs (logits, letter probs)."""
+    result = {k: timed(fn, repeats, device) for k, fn in fns.items()}
+    result["prompt_tokens"] = prompt_tokens
+    result["shared_prefix"]["questions_per_s"] = questions / result["shared_prefix"]["median_s"]
     print(f"  {name}: prefill {result['prefill']['median_s'] * 1000:.1f} ms, "
           f"{result['shared_prefix']['questions_per_s']:.1f} questions/s", flush=True)
-    return {**result, "_logits": prefill().cpu(), "_answers": answers}
+    return {**result, "_logits": fns["prefill"]().cpu(), "_answers": fns["shared_prefix"]()}
 
 
 def parity(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -175,12 +187,98 @@ def parity(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 # --- main -------------------------------------------------------------------------------------------------
 
+# --rows ids -> (row name, backend for load_quantized, compile); "bf16" loads the source instead
+ROWS = {"bf16": ("bf16", None, False),
+        "compressed-tensors": ("fp8 (compressed-tensors kernels)", "compressed-tensors", False),
+        "torchao": ("fp8 (torchao float8, eager)", "torchao", False),
+        "torchao-compiled": ("fp8 (torchao float8, compiled)", "torchao", True),
+        "compressed-tensors-compiled": ("fp8 (compressed-tensors kernels, compiled)", "compressed-tensors", True),
+        "emulated": ("fp8 (emulated, as the CPU gate)", "emulate", False)}
+# parity pairs (row id, reference row id), computed where both rows ran
+PAIRS = [(r, "bf16") for r in ROWS if r != "bf16"] + \
+        [(r, "compressed-tensors") for r in ROWS if r not in ("bf16", "compressed-tensors")]
+
+
+def row_name(row: str, device: str) -> str:
+    # on CPU the compressed-tensors rows run the loader default, which is the emulation: say so
+    name, backend, _ = ROWS[row]
+    if backend == "compressed-tensors" and not device.startswith("cuda"):
+        return f"{name} [CPU: loader default, emulated]"
+    return name
+
+
+def load_row(row: str, src: Path, fp8: Path, device: str):
+    """The model of one row, every FP8 row with the fast vision tower `load_model` gives bf16 on a GPU
+    (the tower is bf16 in every variant; the 2026-11-26 15:30 H100 run lacked this)."""
+    import torch
+
+    from trafficvlm.model import load_model
+    from trafficvlm.quantize import load_quantized
+
+    if row == "bf16":
+        return load_model(src, dtype=torch.bfloat16, device=device)
+    _, backend, compile_ = ROWS[row]
+    # on CPU the compressed-tensors rows run the loader default (the emulation); on a GPU they insist
+    if backend == "compressed-tensors" and not device.startswith("cuda"):
+        backend = "auto"
+    model = load_quantized(fp8, device, dtype=torch.bfloat16, backend=backend, compile=compile_)
+    if device.startswith("cuda"):
+        from trafficvlm.fast_vision import enable_fast_vision
+        enable_fast_vision(model)
+    return model
+
+
+def warm_up(fns: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+    """Compile a compiled row before timing (so compile time stays out of the medians): seconds of two
+    passes over every timed call (the second meets the dynamic-shape graphs) and what Dynamo made of it
+    (graph breaks mean parts run eagerly)."""
+    import time
+
+    import torch
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    t0 = time.perf_counter()
+    for _ in range(2):
+        for fn in fns.values():
+            fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return {"compile_s": round(time.perf_counter() - t0, 2), "unique_graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "graph_break_reasons": sorted({k.split("\n")[0] for k in counters["graph_break"]})[:5]}
+
+
+def run_row(row: str, args, src: Path, fp8: Path, workload_) -> dict[str, Any]:
+    """One row: load, (compile,) measure; an exception becomes the row's `error` so the others still run."""
+    import traceback
+
+    import torch
+
+    records, clip, processor = workload_
+    model = fns = None
+    try:
+        model = load_row(row, src, fp8, args.device).eval()
+        fns, tokens = probes(model, processor, records, clip, args.device)
+        compiled = warm_up(fns) if ROWS[row][2] else {}
+        return {**measure(row_name(row, args.device), fns, tokens, len(records), args.repeats, args.device), **compiled}
+    except Exception as exc:  # noqa: BLE001 - recorded in the JSON, the next row runs
+        traceback.print_exc()
+        print(f"  {row_name(row, args.device)}: FAILED {type(exc).__name__}: {exc}", flush=True)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        model = fns = None  # noqa: F841 - the probes hold the model too: free both before emptying the cache
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        torch._dynamo.reset()  # a compiled row's graphs and recompile counts must not leak into the next
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import transformers
 
-    from trafficvlm.model import load_model, load_processor
-    from trafficvlm.quantize import LOGITS_TOL, load_quantized, quantize
+    from trafficvlm.model import load_processor
+    from trafficvlm.quantize import FAST_FP8_BACKEND, LOGITS_TOL, quantize
 
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
@@ -189,58 +287,68 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Random weights are not a trained model: verify loosely here and report the default tolerance's verdict.
     report = quantize(src, work / "fp8", device=args.device, scheme=args.scheme, logits_tol=args.logits_tol)
     report["verify"]["within_default_logits_tol"] = report["verify"]["logits_rel_diff"] < LOGITS_TOL
-    processor = load_processor(src)
     records, clip, plan = workload()
     on_gpu = args.device.startswith("cuda")
-    kernels = "fp8 (FP8 kernels)" if on_gpu else "fp8 (loader default: emulated on CPU)"
-    emulated = "fp8 (emulated, as the CPU gate)"
-    def same_vision(model):
-        # The vision tower is bf16 in every variant: give the FP8 rows the fast tower `load_model` gives bf16
-        # (the 2026-11-26 H100 run lacked this, so its FP8 vision/prefill rows include the slow HF tower).
-        if on_gpu:
-            from trafficvlm.fast_vision import enable_fast_vision
-            enable_fast_vision(model)
-        return model
-
-    loaders = {"bf16": lambda: load_model(src, dtype=torch.bfloat16, device=args.device),
-               # on a GPU insist on the kernels: an error, never a silent fallback
-               kernels: lambda: same_vision(load_quantized(work / "fp8", args.device, dtype=torch.bfloat16,
-                                                           fp8_kernels=True if on_gpu else None)),
-               emulated: lambda: same_vision(load_quantized(work / "fp8", args.device, dtype=torch.bfloat16,
-                                                            fp8_kernels=False))}
-    rows: dict[str, dict[str, Any]] = {}
-    for name, load in loaders.items():
-        model = load().eval()
-        rows[name] = measure(name, model, processor, records, clip, args.repeats, args.device)
-        del model
-        if on_gpu:
-            torch.cuda.empty_cache()
-    for row in rows.values():
-        row["speedup_vs_bf16"] = {k: rows["bf16"][k]["median_s"] / row[k]["median_s"]
-                                  for k in ("vision", "prefill", "shared_prefix")}
-    return {
+    result = {
         "card": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "torchao": _version("torchao"),
+        "date": datetime.date.today().isoformat(), "fast_fp8_backend": FAST_FP8_BACKEND,
         "config": {"model": "tiny" if args.tiny else "Qwen2.5-VL-7B architecture, random init", "scheme": args.scheme,
                    "spec": "setting A (fps 1, max_pixels 81920)", "frames": plan.frames,
                    "frame_size": [plan.height, plan.width], "video_tokens": plan.vision_tokens,
-                   "questions": len(records), "repeats": args.repeats},
+                   "questions": len(records), "repeats": args.repeats, "rows": args.rows},
         "quantize": {k: report[k] for k in ("size_gb", "layers", "verify", "seconds")},
-        "engines": {name: {k: v for k, v in row.items() if not k.startswith("_")} for name, row in rows.items()},
-        "parity": {f"{kernels} vs bf16": parity(rows["bf16"], rows[kernels]),
-                   f"{kernels} vs emulated": parity(rows[emulated], rows[kernels])},
+        "engines": {}, "parity": {},
     }
+    rows: dict[str, dict[str, Any]] = {}
+    workload_ = (records, clip, load_processor(src))
+    for row in args.rows:
+        rows[row] = run_row(row, args, src, work / "fp8", workload_)
+        summarize(result, rows, args.device)
+        write(result, Path(args.out))  # after every row: a later row that hangs past the limit loses nothing
+    return result
+
+
+def summarize(result: dict[str, Any], rows: dict[str, dict[str, Any]], device: str) -> None:
+    """Fill `engines` (speed-ups where bf16 ran) and `parity` (pairs where both rows ran) from `rows`."""
+    ok = {r: row for r, row in rows.items() if "error" not in row}
+    for r, row in ok.items():
+        if "bf16" in ok:
+            row["speedup_vs_bf16"] = {k: ok["bf16"][k]["median_s"] / row[k]["median_s"]
+                                      for k in ("vision", "prefill", "shared_prefix")}
+    name = functools.partial(row_name, device=device)
+    result["engines"] = {name(r): {k: v for k, v in row.items() if not k.startswith("_")} for r, row in rows.items()}
+    result["parity"] = {f"{name(a)} vs {name(b)}": parity(ok[b], ok[a]) for a, b in PAIRS if a in ok and b in ok}
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def write(result: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def table(result: dict[str, Any]) -> str:
     lines = [f"{result['card']}  {result['config']['model']}, {result['config']['video_tokens']} video tokens, "
              f"{result['config']['questions']} questions",
-             f"{'engine':<40}{'vision ms':>11}{'prefill ms':>12}{'q/s shared':>12}{'prefill x':>11}{'shared x':>10}"]
+             f"{'engine':<44}{'vision ms':>11}{'prefill ms':>12}{'q/s shared':>12}{'prefill x':>11}{'shared x':>10}"]
     for name, row in result["engines"].items():
-        lines.append(f"{name:<40}{row['vision']['median_s'] * 1e3:>11.1f}{row['prefill']['median_s'] * 1e3:>12.1f}"
-                     f"{row['shared_prefix']['questions_per_s']:>12.2f}{row['speedup_vs_bf16']['prefill']:>11.2f}"
-                     f"{row['speedup_vs_bf16']['shared_prefix']:>10.2f}")
+        if "error" in row:
+            lines.append(f"{name:<44}FAILED {row['error'][:120]}")
+            continue
+        speedup = row.get("speedup_vs_bf16", {"prefill": float("nan"), "shared_prefix": float("nan")})
+        lines.append(f"{name:<44}{row['vision']['median_s'] * 1e3:>11.1f}{row['prefill']['median_s'] * 1e3:>12.1f}"
+                     f"{row['shared_prefix']['questions_per_s']:>12.2f}{speedup['prefill']:>11.2f}"
+                     f"{speedup['shared_prefix']:>10.2f}"
+                     + (f"  (compile {row['compile_s']:.0f} s, {row['graph_breaks']} graph breaks)"
+                        if "compile_s" in row else ""))
     q = result["quantize"]
     lines.append(f"weights {q['size_gb']['before']:.2f} GB -> {q['size_gb']['after']:.2f} GB; verify: vision rel "
                  f"{q['verify']['vision_rel_diff']:.1e}, logits rel {q['verify']['logits_rel_diff']:.3f}")
@@ -260,14 +368,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logits-tol", type=float, default=0.5,
                         help="verification tolerance for random weights (default 0.5; quantize's is 0.15)")
     parser.add_argument("--tiny", action="store_true", help="the tiny test model instead of the 7B (smoke test)")
+    parser.add_argument("--rows", type=_rows, default=list(ROWS),
+                        help=f"comma-separated rows to run, in this order (default all: {','.join(ROWS)})")
     args = parser.parse_args(argv)
     result = run(args)
     print(table(result))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
-    return 0
+    print(f"wrote {args.out}")
+    return 1 if any("error" in row for row in result["engines"].values()) else 0
+
+
+def _rows(text: str) -> list[str]:
+    rows = [r.strip() for r in text.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown or not rows:
+        raise argparse.ArgumentTypeError(f"unknown rows {unknown or text!r}; choose from {', '.join(ROWS)}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -173,22 +173,22 @@ def test_resume_after_a_kill_gives_the_same_results(env, baseline_run, tmp_path,
     from trafficvlm.stages.evaluate import run_eval
 
     out = tmp_path / "killed"
-    real, calls = LocalEngine.score, {"n": 0}
+    real, calls = LocalEngine.score_prepared, {"n": 0}  # the stage scores prefetched, prepared clips
 
-    def dying(self, groups):
+    def dying(self, prepared):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt("killed")
-        return real(self, groups)
+        return real(self, prepared)
 
-    monkeypatch.setattr(LocalEngine, "score", dying)
+    monkeypatch.setattr(LocalEngine, "score_prepared", dying)
     with pytest.raises(KeyboardInterrupt):
         run_eval(progress=False, **_args(env, out))
     first_clip = len(next(iter(group_by_video(read_llava(env["data"])).values())))
     assert len((out / "predictions.jsonl").read_text().splitlines()) == first_clip  # flushed before the kill
     with pytest.raises(ConfigError, match="--resume"):
         run_eval(progress=False, **_args(env, out))
-    monkeypatch.setattr(LocalEngine, "score", real)
+    monkeypatch.setattr(LocalEngine, "score_prepared", real)
     resumed = run_eval(progress=False, resume=True, **_args(env, out))
     full_out, full = baseline_run
     assert _stable(resumed) == _stable(full)

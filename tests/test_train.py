@@ -117,6 +117,40 @@ def test_shared_prefix_gradient_equals_the_sum_of_per_question_gradients(env):
             assert float((p.grad - separate[name]).abs().max() / scale) < 1e-6, name
 
 
+def test_packed_shared_prefix_videos_equal_separate_ones(env):
+    """Two videos' shared-prefix sequences packed into one row (micro_batch = 2) against one forward per
+    video: same summed loss and gradients (float64, 1e-6 relative to each tensor's largest gradient)."""
+    from trafficvlm.data import VideoGroupDataset, collate_shared
+    from trafficvlm.model import load_model, load_processor
+    from trafficvlm.processing import Preprocessor
+    from trafficvlm.records import read_llava
+    from trafficvlm.train import forward_loss
+
+    cfg = load_train_config(TINY_CONFIG, env.overrides(Path("unused")))
+    pre = Preprocessor(load_processor(env.model), cfg.video)
+    ds = VideoGroupDataset(read_llava(env.annotation), env.media, cfg.video, pre, max_length=4096, cache=False)
+    groups = [ds[0], ds[1]]
+    assert len(ds) >= 2 and all(len(g) >= 2 for g in groups)
+    model = load_model(env.model, dtype=torch.float64)
+    total, labels = 0.0, 0
+    for g in groups:
+        loss, n = forward_loss(model, collate_shared([g])[0])
+        loss.backward()
+        total, labels = total + float(loss.detach()), labels + n
+    separate = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    batch, ids = collate_shared(groups)
+    assert ids == [s.record_id for g in groups for s in g]
+    assert batch["input_ids"].shape[0] == 1 and batch["video_grid_thw"].shape[0] == 2
+    loss, n = forward_loss(model, batch)
+    loss.backward()
+    assert n == labels and float(loss.detach()) == pytest.approx(total, rel=1e-9)
+    for name, p in model.named_parameters():
+        if name in separate:
+            scale = separate[name].abs().max().clamp_min(1e-30)
+            assert float((p.grad - separate[name]).abs().max() / scale) < 1e-6, name
+
+
 def test_batch_plan_is_seeded_split_over_ranks_and_resumable():
     from trafficvlm.data import BatchPlan
 

@@ -294,15 +294,20 @@ class TrainSection:
     freeze_vision: bool = True
     freeze_merger: bool = False
     freeze_llm: bool = False
+    # The LLM's input embedding table (152k rows, most of them never seen in fine-tuning data). Frozen,
+    # the optimizer skips a quarter of a small model's parameters (and their dense gradient); lm_head trains.
+    freeze_embeddings: bool = False
     grad_checkpointing: bool = True
     compile: bool = False
     batching: str = "packed"         # packed (padding-free, one row) | padded
     shared_prefix: bool = False      # one sequence per video: prefix once, each question a branch; the
-                                     # batch unit becomes a video (global_batch counts videos)
+                                     # batch unit becomes a video (global_batch and micro_batch count videos;
+                                     # a micro-batch of several videos is packed into one row)
     save_every: int = 0              # optimizer steps between checkpoints (0: only at the end)
     keep_last: int = 2
     log_every: int = 1
     device: str = "auto"             # auto | cpu | cuda
+    stall_timeout_s: float = 900     # a step running longer: report rank, step, samples, stacks; exit (0: off)
     # trafficvlm: our torchrun + FSDP2 trainer. cosmos-rl: write the reference recipe's sft_config.toml and
     # dataset script from this config and run cosmos-rl (only in images/cosmos-rl.Dockerfile; see cosmos_rl.py)
     engine: str = "trafficvlm"
@@ -316,8 +321,6 @@ class TrainSection:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.micro_batch < 1 or self.global_batch < self.micro_batch:
             raise ValueError(f"need 1 <= micro_batch <= global_batch, got {self.micro_batch}, {self.global_batch}")
-        if self.shared_prefix and self.micro_batch != 1:
-            raise ValueError("shared_prefix takes one video (all its questions) per micro-batch: micro_batch = 1")
 
 
 @dataclass
@@ -488,6 +491,7 @@ class EvalConfig:
     dtype: str = "auto"              # auto (bf16 on GPU, the checkpoint's on CPU) | bfloat16 | float16 | float32
     device: str = "auto"             # auto | cpu | cuda
     max_length: int | None = None    # longer prompts are an error naming the record
+    compile_vision: bool = False     # torch.compile each vision block (CUDA; a no-op with a note on CPU)
     frame_cache: str | None = None   # directory; None = the shared default ($TRAFFICVLM_CACHE)
     tracking: TrackingSection = field(default_factory=lambda: TrackingSection(run_name="eval"))
 

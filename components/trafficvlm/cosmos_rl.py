@@ -101,7 +101,8 @@ def _check_supported(cfg: TrainConfig) -> None:
     t = cfg.train
     problems = [f"train.mode={t.mode!r} (the recipe is full SFT)"] if t.mode != "full" else []
     problems += [f"train.{name}=true (the recipe trains the whole model)"
-                 for name in ("freeze_vision", "freeze_merger", "freeze_llm") if getattr(t, name)]
+                 for name in ("freeze_vision", "freeze_merger", "freeze_llm", "freeze_embeddings")
+                 if getattr(t, name)]
     if t.shared_prefix:
         problems.append("train.shared_prefix=true (our trainer's feature)")
     if cfg.data.limit is not None:

@@ -158,10 +158,32 @@ def collate_fn(batching: str, pad_token_id: int) -> Callable:
 
 
 def collate_shared(groups):
-    """Shared-prefix collation: micro_batch must be 1 (one video's sequence per forward)."""
-    if len(groups) != 1:
-        raise ValueError("shared-prefix training takes one video per micro-batch (train.micro_batch = 1)")
-    return shared_prefix_batch(groups[0]), [s.record_id for s in groups[0]]
+    """Shared-prefix collation: each video (all of its questions) is one shared-prefix sequence; several
+    videos in a micro-batch are packed into one row (`pack_sequences`)."""
+    batches = [shared_prefix_batch(g) for g in groups]
+    ids = [s.record_id for g in groups for s in g]
+    return (batches[0] if len(batches) == 1 else pack_sequences(batches)), ids
+
+
+def pack_sequences(batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Several one-row batches with 4-D masks (shared-prefix sequences) as one row: tokens, labels and
+    3-D positions concatenated, the masks block-diagonal (no token sees another sequence), the videos
+    in the same order as their tokens. One forward then runs every matrix product, the LM head's
+    152k-row weight included, once for all of them instead of once per video."""
+    lengths = [b["input_ids"].shape[1] for b in batches]
+    total = sum(lengths)
+    mask = torch.zeros(1, 1, total, total, dtype=torch.bool)
+    start = 0
+    for b, n in zip(batches, lengths):
+        mask[..., start:start + n, start:start + n] = b["attention_mask"]
+        start += n
+    out = {"input_ids": torch.cat([b["input_ids"] for b in batches], 1),
+           "labels": torch.cat([b["labels"] for b in batches], 1),
+           "position_ids": torch.cat([b["position_ids"] for b in batches], -1), "attention_mask": mask}
+    for key in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+        if batches[0].get(key) is not None:
+            out[key] = torch.cat([b[key] for b in batches], 0)
+    return out
 
 
 def shared_prefix_batch(samples: Sequence[Any]) -> dict[str, torch.Tensor]:

@@ -395,19 +395,24 @@ def _chat_template_of(path: Path, tokenizer) -> str | None:
 
 # --- freezing ---------------------------------------------------------------------------------------------
 
-def apply_freeze(model, *, vision: bool = True, merger: bool = False, llm: bool = False) -> dict[str, int]:
+def apply_freeze(model, *, vision: bool = True, merger: bool = False, llm: bool = False,
+                 embeddings: bool = False) -> dict[str, int]:
     """Freeze (True) or train (False) the vision tower, the vision-to-LLM merger and the LLM (with its
-    embeddings and lm_head). Returns trainable parameter counts per group, plus "trainable" and "total".
-    Every parameter must fall in exactly one group, so a family table that drifts from the model fails."""
+    embeddings and lm_head); `embeddings` also freezes the LLM's input embedding table (a tied lm_head
+    shares it, so it freezes too).
+    Returns trainable parameter counts per group, plus "trainable" and "total". Every parameter must
+    fall in exactly one group, so a family table that drifts from the model fails."""
     fam = family(model.config.model_type)
     counts = {"vision": 0, "merger": 0, "llm": 0}
     frozen = {"vision": vision, "merger": merger, "llm": llm}
+    table = model.get_input_embeddings().weight
     total = 0
     for name, param in model.named_parameters():
         group = _group_of(name, fam)
-        param.requires_grad_(not frozen[group])
+        trainable = not frozen[group] and not (embeddings and param is table)
+        param.requires_grad_(trainable)
         total += param.numel()
-        counts[group] += 0 if frozen[group] else param.numel()
+        counts[group] += param.numel() if trainable else 0
     return {**counts, "trainable": sum(counts.values()), "total": total}
 
 

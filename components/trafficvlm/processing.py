@@ -8,6 +8,8 @@ resized), the prompt from `trafficvlm.prompts`, positions from `trafficvlm.rope`
     >>> pre = Preprocessor(load_processor("models/tiny"), spec)
     >>> batch = collate_padded([pre.encode(rec, load_clip(path, spec))], pre.pad_token_id)
     >>> loss = load_model("models/tiny")(**batch, use_cache=False).loss
+    >>> prefix = pre.encode_prefix(records[0], clip)          # a clip's questions share system prompt + video
+    >>> suffixes = [pre.encode_suffix(r, prefix) for r in records]   # == encode(r, clip) after len(prefix)
 
 Every batch carries `position_ids` (contract 2): transformers 5.17 would otherwise compute its own, which
 differ from the rule Qwen2.5-VL was trained and is served with. `second_per_grid_ts` and
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from trafficvlm.video import Clip
 
 IGNORE_INDEX = -100
+VISION_END = "<|vision_end|>"
 # transformers' ProcessorMixin.create_mm_token_type_ids: 0 text, 1 image, 2 video (3 audio).
 TEXT_TYPE, IMAGE_TYPE, VIDEO_TYPE = 0, 1, 2
 
@@ -52,6 +55,37 @@ class Sample:
         return self.input_ids.numel()
 
 
+@dataclass
+class PromptPrefix:
+    """The shared start of one clip's prompts (`Preprocessor.encode_prefix`): system prompt + video up to
+    and including `<|vision_end|>`, with the clip's pixels. Its labels are all IGNORE_INDEX."""
+
+    input_ids: torch.Tensor            # LongTensor [P]
+    position_ids: torch.Tensor         # LongTensor [3, P]
+    next_position: int                 # where the text after the prefix starts (block max + 1 rule)
+    pixel_values_videos: torch.Tensor
+    video_grid_thw: torch.Tensor
+    second_per_grid_ts: torch.Tensor
+    template_ids: list[int]            # the prefix as tokenized, one `<|video_pad|>`: what suffixes must extend
+    record_id: str
+
+    def __len__(self) -> int:
+        return self.input_ids.numel()
+
+
+@dataclass
+class Suffix:
+    """One question's tokens after a PromptPrefix (`Preprocessor.encode_suffix`)."""
+
+    input_ids: torch.Tensor            # LongTensor [S]
+    labels: torch.Tensor               # LongTensor [S]
+    position_ids: torch.Tensor         # LongTensor [3, S]
+    record_id: str
+
+    def __len__(self) -> int:
+        return self.input_ids.numel()
+
+
 def patchify_video(frames: np.ndarray, pixels: Any) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """uint8 frames [T, H, W, 3] -> (FloatTensor [T*H*W / (temporal*patch^2), C*temporal*patch^2], grid).
 
@@ -68,12 +102,13 @@ def patchify_video(frames: np.ndarray, pixels: Any) -> tuple[torch.Tensor, tuple
                          "(video.load_clip sizes frames this way)")
     mean = torch.tensor(pixels.image_mean) * (1.0 / pixels.rescale_factor)
     std = torch.tensor(pixels.image_std) * (1.0 / pixels.rescale_factor)
-    x = torch.from_numpy(frames).permute(0, 3, 1, 2).to(torch.float32)
-    x = (x - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
     gt, gh, gw = t // tp, h // p, w // p
-    x = x.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    return x.reshape(gt * gh * gw, c * tp * p * p), (gt, gh, gw)
+    # Reorder while still uint8 (a quarter of the bytes of float32), then convert and normalise in place
+    # per channel: the same float32 (x - mean) / std per element, ~3x faster than reordering floats.
+    x = torch.from_numpy(frames).reshape(gt, tp, gh // m, m, p, gw // m, m, p, c)
+    x = x.permute(0, 2, 5, 3, 6, 8, 1, 4, 7).reshape(gt * gh * gw, c, tp * p * p)
+    x = x.to(torch.float32).sub_(mean.view(1, c, 1)).div_(std.view(1, c, 1))
+    return x.view(gt * gh * gw, c * tp * p * p), (gt, gh, gw)
 
 
 class Preprocessor:
@@ -91,11 +126,12 @@ class Preprocessor:
         self.video_token_id = self.tokenizer.convert_tokens_to_ids(prompts.VIDEO_PAD)
         self.im_end_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.pad_token_id = self.tokenizer.pad_token_id
+        self.vision_end_id = self.tokenizer.convert_tokens_to_ids(VISION_END)
         self._pixels_memo: tuple[Any, torch.Tensor, tuple[int, int, int]] | None = None
 
     def _patchify(self, clip: "Clip") -> tuple[torch.Tensor, tuple[int, int, int]]:
         """Pixel tensor of a clip, memoised for the last clip: a clip's ~15 questions are encoded one after
-        another (eval, serve, shared-prefix training) and patchifying 74 frames costs ~0.4 s each time."""
+        another (eval, serve, shared-prefix training) and patchifying 74 frames costs ~50 ms on one core."""
         if self._pixels_memo is not None and self._pixels_memo[0] is clip.frames:
             return self._pixels_memo[1], self._pixels_memo[2]
         pixel_values, grid = patchify_video(clip.frames, self.pixels)
@@ -123,6 +159,37 @@ class Preprocessor:
                                             video_token_id=self.video_token_id)
         return Sample(input_ids, torch.tensor(labels, dtype=torch.long), pixel_values, grid_thw, second_per_grid,
                       positions, types, record.id)
+
+    def encode_prefix(self, record: VideoQARecord, clip: "Clip") -> PromptPrefix:
+        """What every question about `clip` shares: system prompt + video, up to and including the last
+        `<|vision_end|>` (a special token, so tokenization never merges across it). One full `encode`."""
+        sample = self.encode(record, clip, with_answer=False)
+        template_ids, _ = self._ids_and_labels(record, with_answer=False)
+        ends = (sample.input_ids == self.vision_end_id).nonzero().flatten()
+        if ends.numel() == 0:
+            raise ValueError(f"record {record.id!r}: no {VISION_END} in the prompt; cannot share a prefix")
+        split = int(ends[-1]) + 1
+        template_split = len(template_ids) - (len(sample) - split)  # the same cut in the one-pad token list
+        positions = sample.position_ids[:, :split]
+        return PromptPrefix(sample.input_ids[:split], positions, int(positions[:, -1].max()) + 1,
+                            sample.pixel_values_videos, sample.video_grid_thw, sample.second_per_grid_ts,
+                            template_ids[:template_split], record.id)
+
+    def encode_suffix(self, record: VideoQARecord, prefix: PromptPrefix, *, with_answer: bool = False) -> Suffix:
+        """The tokens after `prefix` for one question of the same clip: equal to `encode(record, clip)`
+        sliced at `len(prefix)`, without rebuilding the video's thousands of ids and positions. The suffix
+        is text only, so by the 3-D rule its positions run on from `prefix.next_position` on all axes."""
+        ids, labels = self._ids_and_labels(record, with_answer)
+        n_shared = len(prefix.template_ids)
+        if ids[:n_shared] != prefix.template_ids or len(ids) == n_shared:
+            raise ValueError(f"records {prefix.record_id!r} and {record.id!r} share a clip but not the prompt "
+                             "prefix (system prompt + video); score them without a shared prefix")
+        rest = torch.tensor(ids[n_shared:], dtype=torch.long)
+        if (rest == self.video_token_id).any():
+            raise ValueError(f"record {record.id!r}: video tokens after {VISION_END}; cannot share a prefix")
+        start = prefix.next_position
+        positions = torch.arange(start, start + rest.numel()).repeat(3, 1)
+        return Suffix(rest, torch.tensor(labels[n_shared:], dtype=torch.long), positions, record.id)
 
     def _ids_and_labels(self, record: VideoQARecord, with_answer: bool) -> tuple[list[int], list[int]]:
         """Token ids (one video pad) and labels. With the answer the text is the generation prompt, then

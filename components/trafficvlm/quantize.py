@@ -4,6 +4,7 @@
     >>> report = quantize("runs/sft/final", "runs/sft/final-fp8")            # fp8-dynamic, verified
     >>> report["size_gb"], report["verify"]["logits_rel_diff"]
     >>> model = load_quantized("runs/sft/final-fp8", "cuda")                 # real FP8 matmuls on H100
+    >>> model = load_quantized("runs/sft/final-fp8", "cuda", backend="torchao", compile=True)
 
 The language model's Linear layers become FP8 (E4M3) weights with per-output-channel scales and FP8
 activations quantized per token at run time ("fp8-dynamic"), or 128x128 weight blocks and 1x128 activation
@@ -24,6 +25,7 @@ The saved list therefore names every ignored module in both spellings, which eve
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import time
@@ -35,6 +37,11 @@ if TYPE_CHECKING:
     import torch
 
 SCHEMES = {"fp8-dynamic": "FP8_DYNAMIC", "fp8-block": "FP8_BLOCK"}
+FP8_BACKENDS = ("auto", "compressed-tensors", "torchao", "emulate")
+# The kernels backend="auto" runs on an FP8-capable GPU. bench/fp8_eval.py times both kernel backends
+# against bf16 on the 7B (docs/perf.md, "FP8"); this names the faster one there.
+FAST_FP8_BACKEND = "compressed-tensors"
+TORCHAO_REQUIREMENT = "torchao==0.18.0"
 # Patterns for llm-compressor (both module spellings: the one it sees in memory and the checkpoint's).
 IGNORE_RULES = ("lm_head", "re:visual.*", "re:model.visual.*")
 VISION_PREFIXES = ("visual.", "model.visual.")
@@ -353,82 +360,199 @@ def quantization_config_of(path: str | Path) -> dict[str, Any] | None:
     return config.get("quantization_config")
 
 
-def fp8_kernel_ok(qc: dict[str, Any], device: str) -> tuple[bool, str]:
-    """Whether transformers can run this checkpoint with real FP8 matmuls on `device`, and why not.
+def fp8_kernel_ok(qc: dict[str, Any], device: str, backend: str = "compressed-tensors") -> tuple[bool, str]:
+    """Whether `backend` can run this checkpoint with real FP8 matmuls on `device`, and why not.
 
-    transformers' compressed-tensors FP8 path (`use_optimized_inference=True`) runs a row-wise scaled
-    matmul: per-channel (or per-tensor) weight scales and per-token activations, i.e. fp8-dynamic. A
-    block-scaled checkpoint's scales do not fit that kernel."""
+    Both kernel backends run a row-wise scaled matmul with per-token activation scales.
+    compressed-tensors (`use_optimized_inference=True`) takes per-channel or per-tensor weight scales;
+    the torchao route takes per-channel ones (PerRow), i.e. fp8-dynamic. A block-scaled checkpoint's
+    scales fit neither."""
     import torch
 
     if not device.startswith("cuda") or not torch.cuda.is_available():
         return False, "no CUDA device: FP8 matmuls need a GPU with compute capability >= 8.9 (H100, L40S, 4090)"
     if torch.cuda.get_device_capability(torch.device(device)) < (8, 9):
         return False, f"{torch.cuda.get_device_name(torch.device(device))} has no FP8 tensor cores (needs sm_89+)"
-    strategies = {g.get("weights", {}).get("strategy") for g in qc.get("config_groups", {}).values()}
+    groups = qc.get("config_groups", {}).values()
+    strategies = {g.get("weights", {}).get("strategy") for g in groups}
+    if backend == "torchao":
+        acts = {(g.get("input_activations") or {}).get("strategy") for g in groups}
+        if strategies != {"channel"} or acts != {"token"}:
+            return False, (f"weight scales {sorted(map(str, strategies))}, activation scales {sorted(map(str, acts))}: "
+                           "the torchao route takes per-channel weights and per-token activations (fp8-dynamic)")
+        if importlib.util.find_spec("torchao") is None:
+            return False, f"torchao is not installed (pip install {TORCHAO_REQUIREMENT})"
+        return True, "FP8 W8A8 matmuls (torchao float8, per-row scales, torch scaled_mm)"
     if not strategies <= {"channel", "tensor"}:
         return False, (f"weight scale strategy {sorted(map(str, strategies))} has no transformers FP8 kernel "
                        "(block scales: serve with vLLM, which has block FP8 kernels)")
-    return True, "FP8 W8A8 matmuls (torch scaled_mm, row-wise scales)"
+    return True, "FP8 W8A8 matmuls (compressed-tensors, torch scaled_mm, row-wise scales)"
+
+
+def choose_fp8_backend(qc: dict[str, Any], device: str, backend: str = "auto") -> tuple[str, str]:
+    """(the backend `load_quantized` runs, why): "auto" takes FAST_FP8_BACKEND where it can run and the
+    emulation elsewhere; a named kernel backend that cannot run here is an error, never a silent fallback."""
+    if backend not in FP8_BACKENDS:
+        raise ValueError(f"FP8 backend must be one of {', '.join(FP8_BACKENDS)}, got {backend!r}")
+    if backend == "emulate":
+        return "emulate", "FP8 kernels turned off by the caller"
+    if backend == "torchao":
+        _require_torchao()
+    wanted = FAST_FP8_BACKEND if backend == "auto" else backend
+    ok, why = fp8_kernel_ok(qc, device, wanted)
+    if ok:
+        return wanted, why
+    if backend != "auto":
+        raise ValueError(f"FP8 backend {backend!r} requested but unavailable: {why}")
+    return "emulate", why
+
+
+def _require_torchao() -> None:
+    try:
+        import torchao  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"backend='torchao' needs the torchao package: pip install {TORCHAO_REQUIREMENT} "
+                          "(the version this project pins in pyproject.toml)") from exc
 
 
 def load_quantized(path: str | Path, device: str = "cpu", *, dtype: "torch.dtype | None" = None,
-                   attn_implementation: str = "sdpa", fp8_kernels: bool | None = None,
+                   attn_implementation: str = "sdpa", backend: str = "auto", compile: bool = False,
                    on_note: Callable[[str], Any] = print):
     """Load a compressed-tensors FP8 checkpoint for inference, as fast as the device allows.
 
-    On an FP8-capable GPU with an fp8-dynamic checkpoint: weights stay FP8 and the language model's Linear
-    layers run FP8 x FP8 matmuls with per-token activation scales (`CompressedTensorsConfig(
-    use_optimized_inference=True)`), the numerics vLLM serves. Elsewhere (CPU, older GPUs, block scales)
-    the weights are dequantized at load time and the activations entering those layers are rounded
-    through FP8 as the scheme says (`emulate_fp8_activations`): the same W8A8 numerics, full-precision
-    matmuls, no speed-up; a note says so. torchao's float8 linears are the other in-process route to
-    FP8 speed; vLLM is the serving path. `fp8_kernels=False` forces the emulation (benchmarks compare
-    the two); True insists on the kernels and fails where they cannot run."""
+    Backends (`choose_fp8_backend`):
+    - "compressed-tensors": weights stay FP8 and the language model's Linear layers run FP8 x FP8 matmuls
+      with per-token activation scales (`CompressedTensorsConfig(use_optimized_inference=True)`), the
+      numerics vLLM serves. fp8-dynamic (or per-tensor) checkpoints, sm_89+ GPUs.
+    - "torchao": loaded dequantized to bf16, then exactly the layers the checkpoint quantized become
+      torchao float8 linears (`to_torchao_float8`: the same FP8 weights and scales, per-token FP8
+      activations, `torch._scaled_mm`). fp8-dynamic checkpoints, sm_89+ GPUs, `pip install torchao`.
+    - "emulate": weights dequantized at load time and the activations entering those layers rounded
+      through FP8 as the scheme says (`emulate_fp8_activations`): the same W8A8 numerics, full-precision
+      matmuls, no speed-up. What CPUs (and the CPU accuracy gate) run.
+    - "auto": FAST_FP8_BACKEND where it can run, else the emulation with a note saying why.
+    A named kernel backend that cannot run here raises. `compile=True` wraps the language model's
+    FP8 blocks with torch.compile (`compile_language_model`); the first forward of each new shape
+    compiles. vLLM is the serving path."""
+    import torch
+
+    qc = quantization_config_of(path)
+    if not qc or qc.get("quant_method") != "compressed-tensors":
+        raise ValueError(f"{path}/config.json: no compressed-tensors quantization_config")
+    chosen, why = choose_fp8_backend(qc, device, backend)
+    if chosen == "torchao" and dtype not in (None, torch.bfloat16):
+        raise ValueError(f"backend='torchao' runs bf16 (its per-row FP8 path quantizes bf16 weights), got {dtype}")
+    model = _from_pretrained(path, device, torch.bfloat16 if chosen == "torchao" else dtype, attn_implementation,
+                             dequantize=chosen != "compressed-tensors")
+    if chosen == "emulate":
+        n = emulate_fp8_activations(model, qc)
+        on_note(f"note: {path}: FP8 weights dequantized, FP8 activations emulated in {n} layers, matmuls in "
+                f"{model.dtype} ({why})")
+    elif chosen == "torchao":
+        n = len(to_torchao_float8(model, qc))
+        on_note(f"note: {path}: {why} in {n} layers")
+    else:
+        on_note(f"note: {path}: {why}")
+    if compile:
+        on_note(f"note: {path}: torch.compile on {compile_language_model(model)} language-model blocks "
+                "(compiles on the first forward of each new shape)")
+    return model
+
+
+def _from_pretrained(path: str | Path, device: str, dtype, attn_implementation: str, *, dequantize: bool):
+    """The checkpoint through transformers' compressed-tensors loader: FP8 kernels, or dequantized to `dtype`."""
     import transformers
     from transformers import CompressedTensorsConfig
 
     from trafficvlm.model import family, model_type_of
 
-    qc = quantization_config_of(path)
-    if not qc or qc.get("quant_method") != "compressed-tensors":
-        raise ValueError(f"{path}/config.json: no compressed-tensors quantization_config")
-    fast, why = fp8_kernel_ok(qc, device)
-    if fp8_kernels and not fast:
-        raise ValueError(f"{path}: FP8 kernels requested but unavailable: {why}")
-    if fp8_kernels is False:
-        fast, why = False, "FP8 kernels turned off by the caller"
-    loading = CompressedTensorsConfig(use_optimized_inference=True) if fast else \
-        CompressedTensorsConfig(dequantize=True)
+    loading = CompressedTensorsConfig(dequantize=True) if dequantize else \
+        CompressedTensorsConfig(use_optimized_inference=True)
     cls = getattr(transformers, family(model_type_of(path)).model_class)
     with warnings.catch_warnings():  # "loading attributes will be overwritten": exactly what we ask for
         warnings.filterwarnings("ignore", message=".*already has a `quantization_config`")
-        model = cls.from_pretrained(path, dtype=dtype or "auto", device_map=device, quantization_config=loading,
-                                    attn_implementation=attn_implementation)
-    if fast:
-        on_note(f"note: {path}: {why}")
-    else:
-        n = emulate_fp8_activations(model, qc)
-        on_note(f"note: {path}: FP8 weights dequantized, FP8 activations emulated in {n} layers, matmuls in "
-                f"{model.dtype} ({why})")
-    return model
+        return cls.from_pretrained(path, dtype=dtype or "auto", device_map=device, quantization_config=loading,
+                                   attn_implementation=attn_implementation)
+
+
+def quantized_layers(model, qc: dict[str, Any]) -> list[tuple[str, Any, dict[str, Any]]]:
+    """(name, module, config group) of every layer the checkpoint quantized: each group's `targets`
+    minus `ignore`, matched by compressed-tensors itself (the same matcher the loader used)."""
+    from compressed_tensors.utils.match import match_named_modules
+
+    return [(name, module, group) for group in qc.get("config_groups", {}).values()
+            for name, module in match_named_modules(model, group.get("targets", []), ignore=qc.get("ignore", []))]
+
+
+def to_torchao_float8(model, qc: dict[str, Any]) -> list[str]:
+    """Turn exactly the Linear layers `qc` quantized into torchao float8 linears (FP8 E4M3 weights with
+    per-row scales; activations quantized per token at run time; `torch._scaled_mm`). `model` must be the
+    dequantized bf16 load of the checkpoint. Returns the converted layer names.
+
+    Why re-quantizing reproduces the checkpoint: each row's weights are FP8 codes q (|q| <= 448, the row's
+    largest exactly 448) times the row scale s; dequantized, that row's absmax is 448*s, so torchao's
+    per-row scale absmax/448 is s again (up to the bf16 rounding of the dequantized product, ~2^-9
+    relative) and w/s rounds back to the same code q: FP8 codes carry 3 mantissa bits, 2^-9 moves no
+    value across a rounding boundary. tests/test_quantize_torchao.py checks the codes bit for bit and the
+    scales to that rounding.
+
+    compressed-tensors leaves its offloading wrappers and a fake-quantizing `forward` on the dequantized
+    layers; they are removed here, since torchao quantizes the activations itself (and a tensor subclass
+    weight must not pass through those wrappers)."""
+    from compressed_tensors.offload import remove_dispatch
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8Tensor, PerRow, quantize_
+
+    names = {name for name, _, _ in quantized_layers(model, qc)}
+    if not names:
+        raise QuantizeError("the checkpoint's quantization_config matches no layer of this model")
+    remove_dispatch(model, onload_tensors=True)
+    for name in names:
+        model.get_submodule(name).__dict__.pop("forward", None)  # back to the class's own Linear.forward
+    # set_inductor_config=False: torchao would otherwise switch on process-wide inductor autotuning
+    # (coordinate descent), which multiplies compile time; callers who compile choose their own settings.
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+    quantize_(model, config, filter_fn=lambda module, fqn: fqn in names)
+    # torchao silently skips weights whose sizes are not multiples of 16 (scaled_mm's constraint)
+    left = sorted(n for n in names if not isinstance(model.get_submodule(n).weight, Float8Tensor))
+    if left:
+        raise QuantizeError(f"torchao left {len(left)} of {len(names)} FP8 layers unconverted (e.g. {left[0]}: "
+                            "scaled_mm needs both sizes divisible by 16); use backend='compressed-tensors'")
+    return sorted(names)
+
+
+def compile_language_model(model, **options) -> int:
+    """torch.compile the FP8 blocks of every decoder layer: the MLP and the four attention projections
+    (`dynamic=True` unless `options` say otherwise). Returns how many modules were wrapped.
+
+    Not the whole decoder layer: with a DynamicCache (the eval's shared prefix) Dynamo guards on the
+    cache's per-layer state, so each layer recompiles and past the recompile limit (8) the rest run
+    eagerly (seen on a 12-layer model). The MLP and the projections never touch the cache: all layers
+    share one compiled graph per shape class (2-3 graphs in all on that model). Where Dynamo traces
+    torchao's float8 tensor without graph breaks, the per-token activation quantization fuses with the
+    elementwise work around it; torch 2.13 (CPU) breaks inside torchao's dispatch, so bench/fp8_eval.py
+    records the graph breaks beside the compiled timings."""
+    options = {"dynamic": True, **options}
+    compiled = 0
+    for layer in model.model.language_model.layers:
+        blocks = [layer.mlp] + [getattr(layer.self_attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        for block in blocks:
+            block.compile(**options)
+        compiled += len(blocks)
+    return compiled
 
 
 def emulate_fp8_activations(model, qc: dict[str, Any]) -> int:
     """Round the inputs of the layers `qc` quantizes through FP8 E4M3 (dynamic scales per token, or per
     group of `group_size` channels), so a dequantized model computes what W8A8 kernels compute. Returns
     the number of layers hooked."""
-    from compressed_tensors.utils.match import match_named_modules
-
     hooked = 0
-    for group in qc.get("config_groups", {}).values():
+    for _, module, group in quantized_layers(model, qc):
         act = group.get("input_activations") or {}
         if act.get("type") != "float" or act.get("num_bits") != 8 or not act.get("dynamic"):
             continue
-        hook = _fp8_input_hook(act.get("group_size") if act.get("strategy") == "group" else None)
-        for _, module in match_named_modules(model, group.get("targets", []), ignore=qc.get("ignore", [])):
-            module.register_forward_pre_hook(hook)
-            hooked += 1
+        module.register_forward_pre_hook(_fp8_input_hook(act.get("group_size") if act.get("strategy") == "group"
+                                                         else None))
+        hooked += 1
     return hooked
 
 

@@ -38,6 +38,7 @@ from trafficvlm import checkpoint, tracking
 from trafficvlm.config import TrainConfig, save_config
 from trafficvlm.data import IGNORE_INDEX, BatchPlan, SFTDataset, VideoGroupDataset, collate_fn, collate_shared, make_loader
 from trafficvlm.parallel import DistInfo, all_reduce_sum, barrier, close_distributed, init_distributed, shard_model
+from trafficvlm.watchdog import StallWatchdog
 
 # Dense bf16 peak by GPU name (substring match), for MFU. None on CPU or an unknown card.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "H20": 148e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
@@ -126,7 +127,7 @@ def prepare_model(model, cfg: TrainConfig):
 
     if cfg.train.mode == "full":
         counts = apply_freeze(model, vision=cfg.train.freeze_vision, merger=cfg.train.freeze_merger,
-                              llm=cfg.train.freeze_llm)
+                              llm=cfg.train.freeze_llm, embeddings=cfg.train.freeze_embeddings)
         return model, None, counts
     from peft import LoraConfig, get_peft_model
 
@@ -360,7 +361,9 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
             print(f"parameters: {counts}; {plan.steps_per_epoch} steps/epoch, {total} steps, global batch "
                   f"{plan.global_batch} = {info.world_size} ranks x {plan.micro_batch} x {plan.accumulation} accumulation")
         monitor = Monitor(cfg, out, info, start, total, flops_per_token)
-        saved = _loop(cfg, info, model, opt, sched, loader, plan, monitor, start, total, ckpt_dir)
+        # A step stuck in a collective names this rank and its samples, then exits (watchdog.py).
+        with StallWatchdog(cfg.train.stall_timeout_s, rank=info.rank, world_size=info.world_size) as watchdog:
+            saved = _loop(cfg, info, model, opt, sched, loader, plan, monitor, start, total, ckpt_dir, watchdog)
         png = monitor.close()
         final = out / "final"
         meta = _bundle_meta(cfg)
@@ -407,19 +410,22 @@ def maybe_resume(ckpt_dir: Path, model, opt, sched, plan: BatchPlan, cfg: TrainC
     return state["step"]
 
 
-def _loop(cfg, info, model, opt, sched, loader, plan, monitor, start, total, ckpt_dir) -> list[Path]:
+def _loop(cfg, info, model, opt, sched, loader, plan, monitor, start, total, ckpt_dir, watchdog) -> list[Path]:
     saved: list[Path] = []
     for step in range(start, total):
         t0 = time.perf_counter()
         micro = [next(loader) for _ in range(plan.accumulation)]
+        watchdog.step_started(step + 1, [i for _, ids in micro for i in ids])
         try:
             stats = train_step(model, micro, info)
         except torch.OutOfMemoryError:
             raise RuntimeError(explain_oom(micro, cfg)) from None
         check_finite(stats, step, micro, info)
         lr = opt.param_groups[0]["lr"]  # the rate this step uses; the scheduler moves it on in clip_and_step
+        watchdog.phase("optimizer")
         stats.grad_norm = clip_and_step(model, opt, sched, cfg.train.max_grad_norm)
         monitor.step(step, stats, lr, time.perf_counter() - t0)
+        watchdog.step_done()
         done = step + 1
         if cfg.model.random_init:  # random weights: nothing worth resuming (7B + AdamW state: ~100 GB)
             continue

@@ -43,6 +43,7 @@ examples:
   trafficvlm eval --engine openai --endpoint http://127.0.0.1:8000/v1 --api-key-env NIM_API_KEY \\
       --model runs/sft/final --data ... --media-dir ... --out runs/eval-nim
   trafficvlm eval ... --resume                                # continue a killed run
+  trafficvlm eval ... --compile-vision                        # compiled vision blocks (CUDA)
   torchrun --nproc-per-node 4 -m trafficvlm eval ...          # data-parallel over clips
 """
 
@@ -188,14 +189,39 @@ def _score_all(cfg: EvalConfig, res: Resolved, records, out: Path, rank: int, wo
     skipped: list[dict[str, Any]] = []
     bar = tqdm(total=sum(len(r) for _, r in todo), unit="question", desc=f"eval[{rank}]" if world > 1 else "eval",
                disable=not progress, dynamic_ncols=True)
+    slices = [todo[start:start + per_batch] for start in range(0, len(todo), per_batch)]
+
+    def load(part):  # CPU: decode (or read cached) frames, then the engine's own preparation
+        batch = _load_clips(cfg, res, part, engine, skipped)
+        return part, batch, (engine.prepare(batch) if hasattr(engine, "prepare") else batch)
+
     with path.open("a", encoding="utf-8") as sink, bar:
-        for start in range(0, len(todo), per_batch):
-            batch = _load_clips(cfg, res, todo[start:start + per_batch], engine, skipped)
+        for part, batch, prepared in _prefetched(load, slices):
             if batch:
-                for (records_, _), answers in zip(batch, engine.score(batch)):
+                scored = engine.score_prepared(prepared) if hasattr(engine, "prepare") else engine.score(batch)
+                for (records_, _), answers in zip(batch, scored):
                     _append(sink, records_, answers)
-            bar.update(sum(len(recs) for _, recs in todo[start:start + per_batch]))
+            bar.update(sum(len(recs) for _, recs in part))
     return skipped
+
+
+def _prefetched(fn, items: list, ahead: int = 1):
+    """`fn(item)` for each item, in order, computed up to `ahead` items early in one background thread:
+    the next clip's frames and prompts are built on the CPU while the GPU scores the current one (the
+    heavy parts, torch ops such as patchify and the dtype cast, and file reads, run without the GIL).
+    One worker keeps the order of side effects (the skipped list, warnings) as in a serial loop; an
+    error surfaces when its item is reached."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="eval-prefetch") as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _existing_predictions(out: Path, *, resume: bool):
@@ -259,7 +285,8 @@ def _engine(cfg: EvalConfig, res: Resolved, records, rank: int):
     return evaluate.LocalEngine(model, processor, res.spec, res.system_prompt, mode=res.mode,
                                   shared_prefix=cfg.shared_prefix, question_batch=cfg.question_batch,
                                   max_new_tokens=max_tokens, temperature=cfg.temperature, seed=cfg.seed,
-                                  blind=cfg.baseline == "blind", max_length=cfg.max_length)
+                                  blind=cfg.baseline == "blind", max_length=cfg.max_length,
+                                  compile_vision=cfg.compile_vision)
 
 
 def _load_local(cfg: EvalConfig, rank: int):
@@ -402,6 +429,8 @@ def add_cli(subparsers) -> None:
                    help="allow a video spec / prompt different from the bundle's")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"))
+    p.add_argument("--compile-vision", action="store_true", default=None,
+                   help="torch.compile each vision block (CUDA only; first clip pays the compile)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_main_eval)
 
@@ -421,7 +450,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     names = ("model", "data", "media_dir", "out", "mode", "answer_type", "resume", "limit", "batch_videos",
              "question_batch", "baseline", "train_data", "engine", "endpoint", "api_key_env", "served_model",
              "file_urls", "concurrency", "max_tokens", "temperature", "seed", "system_prompt", "override_spec",
-             "device", "dtype")
+             "device", "dtype", "compile_vision")
     out = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.shared_prefix is not None:
         out["shared_prefix"] = args.shared_prefix == "on"

@@ -31,6 +31,7 @@ GRASS, STRIPE, SIDEWALK = (60, 130, 50), (245, 245, 245), (215, 175, 120)
 LAMP, POLE = (255, 225, 40), (255, 200, 0)
 SIGNAL_BOX, SIGNAL_RED, SIGNAL_GREEN = (240, 240, 240), (255, 0, 0), (0, 70, 0)
 CAR, EGO, WINDSHIELD, SKIN = (0, 200, 210), (255, 130, 0), (20, 20, 40), (230, 190, 150)
+LEGS = SKIN
 BRAKE_ON, BRAKE_OFF = (255, 0, 0), (90, 25, 10)
 DASHBOARD, GO, STOP = (35, 35, 35), (0, 220, 0), (230, 0, 0)
 
@@ -91,7 +92,7 @@ def pedestrian(img: np.ndarray, box: Box, scene: Scene) -> None:
     h = y1 - y0
     fill(img, (x0 + 0.2 * (x1 - x0), y0, x1 - 0.2 * (x1 - x0), y0 + 0.18 * h), SKIN)
     fill(img, (x0, y0 + 0.18 * h, x1, y0 + 0.72 * h), UPPER[scene.env["upper_color"]])
-    fill(img, (x0 + 0.1 * (x1 - x0), y0 + 0.72 * h, x1 - 0.1 * (x1 - x0), y1), SKIN)
+    fill(img, (x0 + 0.1 * (x1 - x0), y0 + 0.72 * h, x1 - 0.1 * (x1 - x0), y1), LEGS)
 
 
 # Six car slots across the frame; the middle is left free because the pedestrian can walk there.
