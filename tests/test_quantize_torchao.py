@@ -123,13 +123,14 @@ def test_backend_choice_on_cpu_and_on_a_capable_gpu(fp8, monkeypatch):
     assert q.choose_fp8_backend(qc, "cpu", "emulate") == ("emulate", "FP8 kernels turned off by the caller")
     with pytest.raises(ValueError, match="'torchao' requested but unavailable: no CUDA"):
         q.choose_fp8_backend(qc, "cpu", "torchao")
-    with pytest.raises(ValueError, match="must be one of auto, compressed-tensors, torchao, emulate"):
+    with pytest.raises(ValueError, match="must be one of auto, scaled-mm, compressed-tensors, torchao, emulate"):
         q.choose_fp8_backend(qc, "cpu", "fp8")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)          # an H100, as far as the check knows
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert q.choose_fp8_backend(qc, "cuda")[0] == q.FAST_FP8_BACKEND
     assert q.choose_fp8_backend(qc, "cuda", "torchao")[0] == "torchao"
+    assert q.choose_fp8_backend(qc, "cuda", "scaled-mm")[0] == "scaled-mm"
     block = json.loads(json.dumps(qc))
     for group in block["config_groups"].values():
         group["weights"]["strategy"], group["input_activations"]["strategy"] = "block", "group"

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     import torch
 
 SCHEMES = {"fp8-dynamic": "FP8_DYNAMIC", "fp8-block": "FP8_BLOCK"}
-FP8_BACKENDS = ("auto", "compressed-tensors", "torchao", "emulate")
+FP8_BACKENDS = ("auto", "scaled-mm", "compressed-tensors", "torchao", "emulate")
 # The kernels backend="auto" runs on an FP8-capable GPU. bench/fp8_eval.py times both kernel backends
 # against bf16 on the 7B (docs/perf.md, "FP8"); this names the faster one there.
 FAST_FP8_BACKEND = "compressed-tensors"
@@ -375,6 +375,12 @@ def fp8_kernel_ok(qc: dict[str, Any], device: str, backend: str = "compressed-te
         return False, f"{torch.cuda.get_device_name(torch.device(device))} has no FP8 tensor cores (needs sm_89+)"
     groups = qc.get("config_groups", {}).values()
     strategies = {g.get("weights", {}).get("strategy") for g in groups}
+    if backend == "scaled-mm":
+        acts = {(g.get("input_activations") or {}).get("strategy") for g in groups}
+        if strategies != {"channel"} or acts != {"token"}:
+            return False, (f"weight scales {sorted(map(str, strategies))}, activation scales {sorted(map(str, acts))}: "
+                           "the scaled-mm route takes per-channel weights and per-token activations (fp8-dynamic)")
+        return True, "FP8 W8A8 matmuls (trafficvlm.fp8_linear: fused per-token quantization, torch scaled_mm)"
     if backend == "torchao":
         acts = {(g.get("input_activations") or {}).get("strategy") for g in groups}
         if strategies != {"channel"} or acts != {"token"}:
@@ -440,9 +446,10 @@ def load_quantized(path: str | Path, device: str = "cpu", *, dtype: "torch.dtype
     if not qc or qc.get("quant_method") != "compressed-tensors":
         raise ValueError(f"{path}/config.json: no compressed-tensors quantization_config")
     chosen, why = choose_fp8_backend(qc, device, backend)
-    if chosen == "torchao" and dtype not in (None, torch.bfloat16):
-        raise ValueError(f"backend='torchao' runs bf16 (its per-row FP8 path quantizes bf16 weights), got {dtype}")
-    model = _from_pretrained(path, device, torch.bfloat16 if chosen == "torchao" else dtype, attn_implementation,
+    bf16_only = chosen in ("torchao", "scaled-mm")
+    if bf16_only and dtype not in (None, torch.bfloat16):
+        raise ValueError(f"backend={chosen!r} runs bf16 (its per-row FP8 path quantizes bf16 weights), got {dtype}")
+    model = _from_pretrained(path, device, torch.bfloat16 if bf16_only else dtype, attn_implementation,
                              dequantize=chosen != "compressed-tensors")
     if chosen == "emulate":
         n = emulate_fp8_activations(model, qc)
@@ -450,6 +457,9 @@ def load_quantized(path: str | Path, device: str = "cpu", *, dtype: "torch.dtype
                 f"{model.dtype} ({why})")
     elif chosen == "torchao":
         n = len(to_torchao_float8(model, qc))
+        on_note(f"note: {path}: {why} in {n} layers")
+    elif chosen == "scaled-mm":
+        n = len(to_fp8_rowwise(model, qc))
         on_note(f"note: {path}: {why} in {n} layers")
     else:
         on_note(f"note: {path}: {why}")
@@ -518,6 +528,21 @@ def to_torchao_float8(model, qc: dict[str, Any]) -> list[str]:
         raise QuantizeError(f"torchao left {len(left)} of {len(names)} FP8 layers unconverted (e.g. {left[0]}: "
                             "scaled_mm needs both sizes divisible by 16); use backend='compressed-tensors'")
     return sorted(names)
+
+
+def to_fp8_rowwise(model, qc: dict[str, Any], fused: bool = True) -> list[str]:
+    """Turn exactly the Linear layers `qc` quantized into `trafficvlm.fp8_linear.Fp8RowwiseLinear` (the same
+    FP8 codes and per-row scales: see `to_torchao_float8` for why re-quantizing reproduces them). `model`
+    must be the dequantized bf16 load of the checkpoint. Returns the converted layer names."""
+    from compressed_tensors.offload import remove_dispatch
+
+    from trafficvlm.fp8_linear import convert_linears
+
+    names = {name for name, _, _ in quantized_layers(model, qc)}
+    if not names:
+        raise QuantizeError("the checkpoint's quantization_config matches no layer of this model")
+    remove_dispatch(model, onload_tensors=True)
+    return convert_linears(model, names, fused=fused)
 
 
 def compile_language_model(model, **options) -> int:

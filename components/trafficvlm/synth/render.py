@@ -1,6 +1,8 @@
 """Drawing: turn a `Scene` into RGB frames (overhead camera or dash-cam) and encode them as H.264 MP4.
 
-All geometry is in fractions of the frame, so the same scene renders at 64x48 or 1920x1080. Each cue is
+Colours are chosen so that no object shares a clothing colour (red, green, blue, yellow) or the sidewalk's
+tan: a tiny model trained from scratch otherwise learns the colour of whatever sits next to the pedestrian
+(measured in bench/demo_sweep.py, docs/demo.md). All geometry is in fractions of the frame, so the same scene renders at 64x48 or 1920x1080. Each cue is
 big and high-contrast so it survives downsizing to 56x56; see the table in `trafficvlm.synth` for which
 region answers which question. Static parts (ground, road, lights) are drawn once per video with
 vectorised numpy; per frame only the sky texture, the vehicle and the pedestrian change.
@@ -28,11 +30,11 @@ UPPER = {"Red": (235, 0, 0), "Green": (0, 235, 0), "Blue": (0, 0, 255), "Yellow"
 LANES = {"One lane": 1, "Two lanes": 2, "Three lanes": 3}
 TRAFFIC = {"Light": 1, "Moderate": 3, "Heavy": 6}
 GRASS, STRIPE, SIDEWALK = (60, 130, 50), (245, 245, 245), (215, 175, 120)
-LAMP, POLE = (255, 225, 40), (255, 200, 0)
+LAMP, POLE = (250, 250, 250), (160, 160, 160)      # white lamps: no clothing colour
 SIGNAL_BOX, SIGNAL_RED, SIGNAL_GREEN = (240, 240, 240), (255, 0, 0), (0, 70, 0)
-CAR, EGO, WINDSHIELD, SKIN = (0, 200, 210), (255, 130, 0), (20, 20, 40), (230, 190, 150)
-LEGS = SKIN
-BRAKE_ON, BRAKE_OFF = (255, 0, 0), (90, 25, 10)
+CAR, EGO, WINDSHIELD, SKIN = (0, 200, 210), (255, 0, 255), (20, 20, 40), (230, 190, 150)
+LEGS = (40, 40, 60)        # dark trousers: bare legs read as the sidewalk's tan
+BRAKE_ON, BRAKE_OFF = (255, 255, 255), (90, 25, 10)
 DASHBOARD, GO, STOP = (35, 35, 35), (0, 220, 0), (230, 0, 0)
 
 
@@ -120,9 +122,9 @@ def _noise(img: np.ndarray, seed: int) -> np.ndarray:
 # --- overhead camera -----------------------------------------------------------------------------------
 
 SKY_BOTTOM, FAR_ROAD, ROAD_TOP, CROSS, BEND = 0.25, (0.27, 0.36), 0.37, (0.44, 0.60), 0.62
-LANE_W, STRIPE_W, SIDEWALK_W, CURVE = 0.14, 0.035, 0.1, 0.3
+LANE_W, STRIPE_W, SIDEWALK_W, CURVE = 0.14, 0.05, 0.14, 0.3
 EGO_W, EGO_H, EGO_BOTTOM, STEP = 0.1, 0.16, 0.765, 0.035
-PED_W, PED_H, GAP = 0.14, 0.16, 0.02
+PED_W, PED_H, GAP = 0.2, 0.28, 0.02
 
 
 def _overhead_ground(scene: Scene, c: Canvas) -> np.ndarray:
