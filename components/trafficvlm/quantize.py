@@ -375,17 +375,14 @@ def fp8_kernel_ok(qc: dict[str, Any], device: str, backend: str = "compressed-te
         return False, f"{torch.cuda.get_device_name(torch.device(device))} has no FP8 tensor cores (needs sm_89+)"
     groups = qc.get("config_groups", {}).values()
     strategies = {g.get("weights", {}).get("strategy") for g in groups}
-    if backend == "scaled-mm":
+    if backend in ("scaled-mm", "torchao"):  # both re-quantize per row: fp8-dynamic checkpoints only
         acts = {(g.get("input_activations") or {}).get("strategy") for g in groups}
         if strategies != {"channel"} or acts != {"token"}:
             return False, (f"weight scales {sorted(map(str, strategies))}, activation scales {sorted(map(str, acts))}: "
-                           "the scaled-mm route takes per-channel weights and per-token activations (fp8-dynamic)")
+                           f"the {backend} route takes per-channel weights and per-token activations (fp8-dynamic)")
+    if backend == "scaled-mm":
         return True, "FP8 W8A8 matmuls (trafficvlm.fp8_linear: fused per-token quantization, torch scaled_mm)"
     if backend == "torchao":
-        acts = {(g.get("input_activations") or {}).get("strategy") for g in groups}
-        if strategies != {"channel"} or acts != {"token"}:
-            return False, (f"weight scales {sorted(map(str, strategies))}, activation scales {sorted(map(str, acts))}: "
-                           "the torchao route takes per-channel weights and per-token activations (fp8-dynamic)")
         if importlib.util.find_spec("torchao") is None:
             return False, f"torchao is not installed (pip install {TORCHAO_REQUIREMENT})"
         return True, "FP8 W8A8 matmuls (torchao float8, per-row scales, torch scaled_mm)"
