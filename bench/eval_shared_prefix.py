@@ -5,16 +5,19 @@
 
 Random-init 7B weights in bf16 (the architecture and token counts are what matter for speed), one synthetic
 75 s clip planned as the recipe's setting A (74 frames at 196x364: 3,367 video tokens), 15 WTS environment
-questions. Three engines score the same questions:
+questions. The engines score the same questions:
 - plain transformers: one `model(**batch)` per question with full logits (what a script around the HF
   model does; our 3-D positions are passed so its answers are comparable), the HF vision tower;
-- baseline: `trafficvlm.evaluate.LocalEngine` with `--shared-prefix off --question-batch 1`;
-- padded:   `--shared-prefix off --question-batch 15` (one padded batch, the video repeated per row);
-- shared:   the default (one prefill of system prompt + video, 15 suffixes on copies of its KV cache),
-  with the HF vision tower and with `trafficvlm.fast_vision` (one attention call per vision layer);
-- prefetched: the shared/flex engine as `trafficvlm eval` runs it, the next clip prepared on the CPU in a
-  thread while the GPU scores the current one (`stages.evaluate._prefetched`);
-- compiled vision (last; `--no-compile-vision` skips it): the same with `compile_vision=True`.
+- `trafficvlm.evaluate.LocalEngine`, shared prefix (one prefill of system prompt + video per clip):
+  * expanded cache: the 15 suffixes as a left-padded batch on 15 expanded copies of the prefix's KV cache
+    (the former letter path, `branches=False`; generate mode still works this way);
+  * branches: the 15 suffixes back to back in one row on the one cache, masked branches (the default);
+  each with the HF vision tower, with `trafficvlm.fast_vision` (one attention call per vision layer) and
+  with compiled vision blocks (`compile_vision=True`, the default on CUDA; these rows come last, since
+  compiling wraps the blocks in place);
+- prefetched: as `trafficvlm eval` runs it, the next clip prepared on the CPU in a thread while the GPU
+  scores the current one (`stages.evaluate._prefetched`);
+- `--per-question-rows`: our per-question engine and one padded batch of 15 (slow; in earlier JSONs).
 Every timed call gets a fresh clip (new frames, as in a real run, so the per-clip patchify counts). Each
 row reports ms per clip end to end and, separately, the CPU preprocessing inside it (`Preprocessor.encode`
 and `LocalEngine.prepare`: prompts, positions, patchify, dtype cast); for prefetched rows that CPU time runs
@@ -192,6 +195,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="float32 shows the engines agree up to rounding (bf16 reorders sums per batch shape)")
     parser.add_argument("--no-compile-vision", action="store_true", help="skip the compiled-vision rows")
+    parser.add_argument("--per-question-rows", action="store_true",
+                        help="also time our per-question and padded-batch engines (slow; measured before)")
     parser.add_argument("--prep-only", action="store_true", help="CPU preprocessing figures only (no GPU)")
     args = parser.parse_args()
     if args.prep_only:
@@ -211,22 +216,32 @@ def main() -> None:
     recs = records()
     clips = [synthetic_clip(seed) for seed in range(args.repeats + 1)]  # fresh frames per timed call
     clip = clips[0]
-    from trafficvlm.fast_vision import enable_fast_vision
+    from trafficvlm.fast_vision import enable_fast_vision, vision_compiled
 
-    shared = dict(shared_prefix=True, question_batch=16)
+    # Every LocalEngine row sets compile_vision explicitly: the engine's default compiles on CUDA.
+    eager = dict(shared_prefix=True, question_batch=16, compile_vision=False)
+    expanded = {**eager, "branches": False}
     # name: (fast-vision backend or None for HF, LocalEngine kwargs or None for plain, prefetch)
     setups = {"plain transformers (per question)": (None, None, False),
-              "baseline (per question)": (None, dict(shared_prefix=False, question_batch=1), False),
-              "padded batch of 15": (None, dict(shared_prefix=False, question_batch=15), False),
-              "shared prefix": (None, shared, False),
-              "shared prefix + fast vision (sdpa)": ("sdpa_batched", shared, False),
-              "shared prefix + fast vision (flex)": ("flex", shared, False),
-              "shared + flex, prefetched": ("flex", shared, True)}
+              "shared prefix, expanded cache": (None, expanded, False),
+              "shared prefix, branches": (None, eager, False),
+              "branches + fast vision (sdpa)": ("sdpa_batched", eager, False),
+              "expanded cache + fast vision (sdpa)": ("sdpa_batched", expanded, False)}
+    if args.per_question_rows:
+        setups["baseline (per question)"] = (None, dict(shared_prefix=False, question_batch=1,
+                                                        compile_vision=False), False)
+        setups["padded batch of 15"] = (None, dict(shared_prefix=False, question_batch=15, compile_vision=False),
+                                        False)
     if not args.no_compile_vision:  # last: compiling wraps the vision blocks in place
-        setups["shared + flex + compiled vision"] = ("flex", {**shared, "compile_vision": True}, False)
-        setups["shared + flex + compiled vision, prefetched"] = ("flex", {**shared, "compile_vision": True}, True)
+        setups["expanded cache + compiled vision, prefetched"] = ("sdpa_batched", {**expanded, "compile_vision": True},
+                                                                 True)
+        setups["branches + compiled vision (default)"] = ("sdpa_batched", {**eager, "compile_vision": True}, False)
+        setups["branches + compiled vision, prefetched (trafficvlm eval)"] = \
+            ("sdpa_batched", {**eager, "compile_vision": True}, True)
     rows = {}
     for name, (vision, kw, prefetch) in setups.items():
+        if vision_compiled(model) and vision is None:
+            continue  # compiled blocks stay compiled: HF-vision rows must come before the compiled ones
         enable_fast_vision(model, backend=vision or "hf")
         engine = (PlainTransformers(model, processor, SETTING_A, SYSTEM_PROMPT) if kw is None
                   else LocalEngine(model, processor, SETTING_A, SYSTEM_PROMPT, **kw))
@@ -241,7 +256,7 @@ def main() -> None:
     base = rows["plain transformers (per question)"]
     print(f"{torch.cuda.get_device_name()} {args.dtype}  clip: {clip.plan.frames} frames {clip.plan.height}x{clip.plan.width}, "
           f"{clip.plan.vision_tokens} video tokens, {len(recs)} questions")
-    print(f"{'engine':<44} {'ms/clip':>8} {'cpu ms':>7} {'q/s':>7} {'speedup':>8} {'same argmax':>12} "
+    print(f"{'engine':<58} {'ms/clip':>8} {'cpu ms':>7} {'q/s':>7} {'speedup':>8} {'same argmax':>12} "
           f"{'max |dp|':>9}")
     result = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
               "transformers": __import__("transformers").__version__,
@@ -255,7 +270,7 @@ def main() -> None:
         dp = max(abs(a.letter_probs[k] - b.letter_probs[k]) for a, b in zip(r["answers"], base["answers"])
                  for k in a.letter_probs)
         speedup = base["seconds_per_clip"] / r["seconds_per_clip"]
-        print(f"{name:<44} {r['seconds_per_clip'] * 1e3:>8.1f} {r['cpu_prep_ms_per_clip']:>7.1f} "
+        print(f"{name:<58} {r['seconds_per_clip'] * 1e3:>8.1f} {r['cpu_prep_ms_per_clip']:>7.1f} "
               f"{r['questions_per_s']:>7.1f} {speedup:>7.1f}x {same:>8}/{len(recs)} {dp:>9.2e}")
         result["engines"][name] = {"seconds_per_clip": r["seconds_per_clip"], "questions_per_s": r["questions_per_s"],
                                    "ms_per_clip": r["seconds_per_clip"] * 1e3,

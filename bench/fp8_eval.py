@@ -21,7 +21,7 @@ What it does, all in one call so every ratio has its baseline beside it:
    kernels (`use_optimized_inference`); torchao float8 eager; torchao float8 with
    `compile_language_model` (compiled in an untimed warm-up: `compile_s`, graphs and graph breaks go
    in the JSON); compressed-tensors' kernels compiled the same way; FP8 emulated (dequantized weights + FP8-rounded activations: what the CPU gate computes).
-   Every FP8 row gets the bf16 row's fast vision tower;
+   Every row gets the fast vision tower with compiled blocks (the eval/serve default on CUDA);
 4. parity (PAIRS): each FP8 row vs bf16, and the other FP8 rows vs compressed-tensors: relative L2
    difference of the prefill logits, letter argmax agreement and the largest letter-probability
    difference over the 15 questions.
@@ -190,7 +190,8 @@ def parity(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 # --rows ids -> (row name, backend for load_quantized, compile); "bf16" loads the source instead
 ROWS = {"bf16": ("bf16", None, False),
         "compressed-tensors": ("fp8 (compressed-tensors kernels)", "compressed-tensors", False),
-        "scaled-mm": ("fp8 (trafficvlm scaled_mm, fused quant)", "scaled-mm", False),
+        "scaled-mm": ("fp8 (trafficvlm scaled_mm, fused quant, q/k/v + gate/up GEMMs)", "scaled-mm", False),
+        "scaled-mm-separate": ("fp8 (trafficvlm scaled_mm, fused quant, 7 GEMMs a layer)", "scaled-mm", False),
         "torchao": ("fp8 (torchao float8, eager)", "torchao", False),
         "torchao-compiled": ("fp8 (torchao float8, compiled)", "torchao", True),
         "compressed-tensors-compiled": ("fp8 (compressed-tensors kernels, compiled)", "compressed-tensors", True),
@@ -209,23 +210,32 @@ def row_name(row: str, device: str) -> str:
 
 
 def load_row(row: str, src: Path, fp8: Path, device: str):
-    """The model of one row, every FP8 row with the fast vision tower `load_model` gives bf16 on a GPU
-    (the tower is bf16 in every variant; the 2026-11-26 15:30 H100 run lacked this)."""
+    """The model of one row, every FP8 row with the fast, compiled vision tower `load_model` and
+    `LocalEngine` give bf16 on a GPU (the tower is bf16 in every variant)."""
     import torch
 
     from trafficvlm.model import load_model
     from trafficvlm.quantize import load_quantized
 
+    from trafficvlm.fast_vision import compile_vision_blocks, enable_fast_vision
+
     if row == "bf16":
-        return load_model(src, dtype=torch.bfloat16, device=device)
-    _, backend, compile_ = ROWS[row]
-    # on CPU the compressed-tensors rows run the loader default (the emulation); on a GPU they insist
-    if backend == "compressed-tensors" and not device.startswith("cuda"):
-        backend = "auto"
-    model = load_quantized(fp8, device, dtype=torch.bfloat16, backend=backend, compile=compile_)
-    if device.startswith("cuda"):
-        from trafficvlm.fast_vision import enable_fast_vision
-        enable_fast_vision(model)
+        model = load_model(src, dtype=torch.bfloat16, device=device)
+    else:
+        _, backend, compile_ = ROWS[row]
+        # on CPU the compressed-tensors rows run the loader default (the emulation); on a GPU they insist
+        if backend == "compressed-tensors" and not device.startswith("cuda"):
+            backend = "auto"
+        model = load_quantized(fp8, device, dtype=torch.bfloat16, backend=backend, compile=compile_)
+        if row == "scaled-mm-separate":  # the sibling groups undone: each projection its own GEMM again
+            from trafficvlm.fp8_linear import Fp8RowwiseLinear
+
+            for module in model.modules():
+                if isinstance(module, Fp8RowwiseLinear):
+                    module.group = None
+        if device.startswith("cuda"):
+            enable_fast_vision(model)
+    compile_vision_blocks(model)  # what eval and serve run on CUDA (a no-op on CPU); compiled in the warm-up
     return model
 
 

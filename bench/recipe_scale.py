@@ -149,6 +149,9 @@ def variant_summary(rows: list[dict[str, Any]], items: int, global_batch: int, n
             "samples_per_s": round(samples / seconds, 3), "samples_per_s_per_gpu": round(samples / seconds / ngpu, 3),
             "tokens_per_s": round(tokens / seconds, 1),
             "mfu": round(sum(m * r["step_s"] for m, r in zip(mfu, steady)) / seconds, 4) if mfu else None,
+            # waiting on the loader (frame cache -> patchify -> collate), rank 0, as a share of step time
+            "data_wait_frac": (round(sum(r["data_wait_s"] for r in steady) / seconds, 4)
+                               if all("data_wait_s" in r for r in steady) else None),
             "final_loss": rows[-1]["loss"]}
 
 
@@ -202,7 +205,7 @@ def table(doc: dict[str, Any]) -> str:
     lines = [head, f"one-off: synth {one_off['synth_s']} s, prepare {one_off['prepare_s']} s, "
                    f"frame-cache warm-up {one_off['warm_s']} s (not in the epoch times)",
              f"{'variant':<14} {'step s':>8} {'steps/ep':>8} {'epoch min':>10} {f'@{t} GPUs':>9} {'ref@' + str(t):>8} "
-             f"{'samples/s':>10} {'MFU':>7} {'peak GiB':>9}"]
+             f"{'samples/s':>10} {'MFU':>7} {'peak GiB':>9} {'data wait':>9}"]
     for name, v in doc["variants"].items():
         if "error" in v:
             lines.append(f"{name:<14} {v['error']}")
@@ -211,7 +214,8 @@ def table(doc: dict[str, Any]) -> str:
         kind = "" if v["epoch_measured"] else "*"
         lines.append(f"{name:<14} {v['step_s_mean']:>8.2f} {v['steps_per_epoch']:>8} {v['epoch_min']:>9.1f}{kind} "
                      f"{v[f'epoch_min_on_{t}_gpus']:>9.1f} {v[f'epoch_min_reference_shape_on_{t}_gpus']:>8.1f} "
-                     f"{v['samples_per_s']:>10.2f} {mfu:>7} {v['peak_mem_gib'] or '-':>9}")
+                     f"{v['samples_per_s']:>10.2f} {mfu:>7} {v['peak_mem_gib'] or '-':>9} "
+                     f"{format(v['data_wait_frac'], '.1%') if v.get('data_wait_frac') is not None else '-':>9}")
     lines.append("* projected from the timed steps (--max-steps); ref@N: the reference's 341 videos x 15 questions")
     return "\n".join(lines)
 

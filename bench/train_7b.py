@@ -13,9 +13,16 @@ built by `processing.Preprocessor`; pixels random. Variants, each timed with CUD
 one process
   (a) hf_lora        baseline: plain transformers + peft, LoRA r16 on the LLM, vision frozen, HF gradient
                      checkpointing, bf16 weights, loss over full logits, positions computed by transformers;
-  (b) ours_lora      our trainer's step (`trafficvlm.train.train_step` + `clip_and_step`, the code train.py
-                     runs): LoRA r16, FSDP2 with bf16 compute over fp32 master weights, our activation
-                     checkpointing, LM head only at labelled positions, explicit 3-D positions, packed batch.
+  (b) ours_lora      our trainer's step (`trafficvlm.train.wrap_model` + `train_step` + `clip_and_step`, the
+                     code train.py runs) with train.py's defaults: LoRA r16, FSDP2 with bf16 compute over fp32
+                     master weights, our activation checkpointing, the frozen vision tower compiled, LM head
+                     only at labelled positions, explicit 3-D positions, packed batch;
+      ours_lora_eager_vision   the same without compiling the vision tower (train.compile_vision=false);
+      ours_lora_no_ckpt        the same without activation checkpointing (train.grad_checkpointing=false);
+      ours_lora_shared15       shared-prefix training (train.shared_prefix=true): one clip with 15
+                     questions as one sequence, prefix once and each question a masked branch
+                     (`data.shared_prefix_batch`), no activation checkpointing; samples = questions.
+  --profile adds the top CUDA kernels of one ours_lora_no_ckpt step to the JSON.
 torchrun, N GPUs, one sample per GPU
   (c) hf_full_fsdp   baseline: transformers model, HF gradient checkpointing, fully_shard per block + root
                      (bf16 compute, fp32 reduce), vision frozen, full-logits loss, AdamW;
@@ -50,7 +57,7 @@ sys.path.insert(0, str(ROOT / "components"))
 from trafficvlm.config import TrainConfig, VideoSpec, from_dict  # noqa: E402
 from trafficvlm.parallel import DistInfo, close_distributed, init_distributed, shard_model  # noqa: E402
 from trafficvlm.processing import collate_packed, collate_padded  # noqa: E402
-from trafficvlm.train import build_optimizer, clip_and_step, prepare_model, train_step  # noqa: E402
+from trafficvlm.train import build_optimizer, clip_and_step, prepare_model, train_step, wrap_model  # noqa: E402
 
 PEAK = 989e12
 RECIPE = dict(frames=74, height=196, width=364, grid=(37, 14, 26))
@@ -59,8 +66,31 @@ TINY = dict(frames=8, height=56, width=84, grid=(4, 4, 6))
 
 # --- inputs -----------------------------------------------------------------------------------------------
 
-def make_sample(shape: dict):
-    """A real training Sample (our prompt, labels, positions) over random frames of the given shape."""
+# 15 WTS-environment-style questions about one clip (shared-prefix rows); the first is the one-sample row's
+QUESTIONS = [
+    ("What is the weather in the scene?", ["Clear", "Cloudy", "Rainy", "Snowy"]),
+    ("What is the brightness level in the scene?", ["Bright", "Dim", "Dark"]),
+    ("What are road surface conditions?", ["Dry", "Wet"]),
+    ("What is the road inclination in the scene?", ["Steep downhill", "Level", "Gentle downhill", "Steep uphill"]),
+    ("How many lanes are there?", ["One-way", "Two-way", "Three-way"]),
+    ("What is the formation of the road?", ["Single road (right curve)", "Single road (straight line)",
+                                            "Intersection (without signal)", "Intersection (with signal)"]),
+    ("Where is the sidewalk in the scene?", ["Both sides", "Not both sides", "Only on the left", "Only on the right"]),
+    ("Are there street lights in the scene?", ["Yes", "No"]),
+    ("What is the volume of the traffic in the scene?", ["Light", "Moderate", "Heavy"]),
+    ("What is surface type of the road?", ["Asphalt", "Gravel", "Concrete"]),
+    ("What is the type of the road?", ["Main road", "Residential road", "Parking lot"]),
+    ("Where is the roadside strip in the scene?", ["Both sides", "Not both sides", "Only on the left",
+                                                    "Only on the right"]),
+    ("What is the age group of the pedestrian?", ["Child", "Young", "Adult", "Elderly"]),
+    ("Is the pedestrian wearing a hat?", ["Yes", "No"]),
+    ("Is the pedestrian wearing glasses?", ["Yes", "No"]),
+]
+
+
+def make_samples(shape: dict, n: int = 1):
+    """n real training Samples (our prompt, labels, positions), different questions about one clip of
+    random frames of the given shape; and the Preprocessor."""
     from trafficvlm.model import PixelSpec, Processor, build_tokenizer
     from trafficvlm.prompts import chat_template
     from trafficvlm.processing import Preprocessor
@@ -69,14 +99,18 @@ def make_sample(shape: dict):
 
     processor = Processor(build_tokenizer("qwen"), PixelSpec(), chat_template(), "synthetic")
     pre = Preprocessor(processor, VideoSpec(fps=1.0, max_pixels=81920))
-    rec = VideoQARecord(id="bench", video="synthetic.mp4", question="What is the weather in the scene?",
-                        options={"a": "Clear", "b": "Cloudy", "c": "Rainy", "d": "Snowy"}, answer="b")
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (shape["frames"], shape["height"], shape["width"], 3), dtype=np.uint8)
     t, h, w = shape["grid"]
     plan = Plan(shape["frames"], shape["height"], shape["width"], t * h * w // 4, (t, h, w), 2.0,
                 list(range(shape["frames"])))
-    return pre.encode(rec, Clip(frames, plan.indices, 30.0, 2.0, plan, "synthetic"), with_answer=True), pre
+    clip = Clip(frames, plan.indices, 30.0, 2.0, plan, "synthetic")
+    samples = []
+    for i, (question, options) in enumerate(QUESTIONS[:n]):
+        rec = VideoQARecord(id=f"bench{i}", video="synthetic.mp4", question=question,
+                            options={"abcd"[k]: o for k, o in enumerate(options)}, answer="b")
+        samples.append(pre.encode(rec, clip, with_answer=True))
+    return samples, pre
 
 
 def build_model(tiny: bool, device: torch.device, dtype: torch.dtype):
@@ -91,9 +125,9 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype):
         return Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
 
 
-def train_cfg(mode: str, freeze_vision: bool = True) -> TrainConfig:
+def train_cfg(mode: str, freeze_vision: bool = True, **train) -> TrainConfig:
     return from_dict(TrainConfig, {"train": {"mode": mode, "freeze_vision": freeze_vision, "lr": 1e-5,
-                                             "grad_checkpointing": True, "global_batch": 1}})
+                                             "grad_checkpointing": True, "global_batch": 1, **train}})
 
 
 def to(batch: dict, device: torch.device) -> dict:
@@ -158,20 +192,40 @@ def hf_lora(sample, pre, args, info: DistInfo) -> float:
     return time_steps(step, info.device, args.warmup, args.iters)
 
 
-def ours(sample, args, info: DistInfo, mode: str, freeze_vision: bool = True) -> float:
-    """(b) / (c): exactly train.py's path: prepare_model, shard_model, build_optimizer, train_step."""
-    cfg = train_cfg(mode, freeze_vision)
+def ours(batch: dict, ids: list[str], args, info: DistInfo, mode: str, freeze_vision: bool = True,
+         profile: bool = False, **train) -> tuple[float, list | None]:
+    """(b) / (c): exactly train.py's path: prepare_model, wrap_model, build_optimizer, train_step; `train`
+    overrides train.* keys. Returns (median step seconds, top CUDA kernels of one more step or None)."""
+    cfg = train_cfg(mode, freeze_vision, **train)
     model, _, _ = prepare_model(build_model(args.tiny, info.device, torch.float32), cfg)
-    shard_model(model, info, block_classes=model.get_base_model()._no_split_modules
-                if hasattr(model, "get_base_model") else model._no_split_modules, checkpointing=True)
+    wrap_model(model, cfg, info)
     opt, sched = build_optimizer(model, cfg, total_steps=10_000, use_cuda=info.device.type == "cuda")
-    micro = [(collate_packed([sample]), ["bench"])]
+    micro = [(batch, ids)]
 
     def step():
         train_step(model, micro, info)
         clip_and_step(model, opt, sched, cfg.train.max_grad_norm)
 
-    return time_steps(step, info.device, args.warmup, args.iters)
+    seconds = time_steps(step, info.device, args.warmup, args.iters)
+    return seconds, (top_kernels(step) if profile and info.device.type == "cuda" else None)
+
+
+def top_kernels(step, n: int = 25) -> list[dict]:
+    """The n CUDA kernels with the most self time in one call of `step` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or e.self_device_time_total > 0]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in events) / 1e3
+    print(f"profile: {total:.1f} ms of CUDA kernel time in one step; top {n}:")
+    rows = []
+    for e in events[:n]:
+        rows.append({"op": e.key[:120], "calls": e.count, "ms": round(e.self_device_time_total / 1e3, 3)})
+        print(f"  {rows[-1]['ms']:9.2f} ms {e.count:6d}x  {e.key[:100]}")
+    return rows
 
 
 def hf_full_fsdp(sample, pre, args, info: DistInfo) -> float:
@@ -206,46 +260,61 @@ def hf_full_fsdp(sample, pre, args, info: DistInfo) -> float:
 
 # --- report -----------------------------------------------------------------------------------------------
 
-def row(name: str, seconds: float, sample, n_params: int, k: int, info: DistInfo, baseline: float | None) -> dict:
-    tokens = len(sample) * info.world_size
+def row(name: str, seconds: float, tokens: int, n_params: int, k: int, info: DistInfo, baseline: float | None,
+        samples: int = 1) -> dict:
+    """samples: questions per GPU per step (15 for a shared-prefix row)."""
+    tokens = tokens * info.world_size
     peak = peak_gb(info.device)
     if peak is not None and info.world_size > 1:
         t = torch.tensor(peak, device=info.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         peak = float(t)
     return {"variant": name, "step_s": seconds, "tokens_per_s": tokens / seconds,
-            "samples_per_s": info.world_size / seconds, "samples_per_s_per_gpu": 1 / seconds,
+            "samples_per_s": samples * info.world_size / seconds, "samples_per_s_per_gpu": samples / seconds,
             "mfu": (k * n_params * tokens / seconds / (PEAK * info.world_size)) if info.device.type == "cuda" else None,
-            "peak_mem_gb": peak, "speedup_vs_baseline": (baseline / seconds) if baseline else 1.0}
+            "peak_mem_gb": peak, "speedup_vs_baseline": (samples * baseline / seconds) if baseline else 1.0}
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'variant':18} {'step s':>8} {'tok/s':>9} {'samples/s':>10} {'MFU':>7} {'peak GB':>8} {'vs base':>8}")
+    print(f"{'variant':24} {'step s':>8} {'tok/s':>9} {'samples/s':>10} {'MFU':>7} {'peak GB':>8} {'vs base':>8}")
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "-"
-        print(f"{r['variant']:18} {r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {r['samples_per_s']:10.3f} "
+        print(f"{r['variant']:24} {r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {r['samples_per_s']:10.3f} "
               f"{mfu:>7} {mem:>8} {r['speedup_vs_baseline']:7.2f}x")
 
 
 def run(args, info: DistInfo):
-    sample, pre = make_sample(TINY if args.tiny else RECIPE)
+    from trafficvlm.data import shared_prefix_batch
+
+    shape = TINY if args.tiny else RECIPE
+    group, pre = make_samples(shape, 15)
+    sample = group[0]
+    one = (collate_packed([sample]), [sample.record_id])
     n_params = sum(p.numel() for p in build_model(args.tiny, torch.device("meta"), torch.bfloat16).parameters())
-    rows = []
+    rows, profiles = [], {}
     if info.world_size == 1 and not args.fsdp:
         base = hf_lora(sample, pre, args, info)
-        rows.append(row("hf_lora", base, sample, n_params, 4, info, None))
-        free(info.device)
-        rows.append(row("ours_lora", ours(sample, args, info, "lora"), sample, n_params, 4, info, base))
+        rows.append(row("hf_lora", base, len(sample), n_params, 4, info, None))
+        shared = shared_prefix_batch(group)
+        variants = [("ours_lora", one, {}), ("ours_lora_eager_vision", one, {"compile_vision": False}),
+                    ("ours_lora_no_ckpt", one, {"grad_checkpointing": False}),
+                    ("ours_lora_shared15", (shared, [s.record_id for s in group]), {"grad_checkpointing": False})]
+        for name, (batch, ids), train in variants:
+            free(info.device)
+            seconds, kernels = ours(batch, ids, args, info, "lora", profile=args.profile and name == "ours_lora_no_ckpt",
+                                    **train)
+            rows.append(row(name, seconds, batch["input_ids"].numel(), n_params, 4, info, base, samples=len(ids)))
+            if kernels:
+                profiles[name] = kernels
     else:
         base = hf_full_fsdp(sample, pre, args, info)
-        rows.append(row("hf_full_fsdp", base, sample, n_params, 6, info, None))
-        free(info.device)
-        rows.append(row("ours_full", ours(sample, args, info, "full"), sample, n_params, 6, info, base))
-        free(info.device)
-        rows.append(row("ours_full_vision", ours(sample, args, info, "full", freeze_vision=False), sample,
-                        n_params, 6, info, base))
-    return rows, sample
+        rows.append(row("hf_full_fsdp", base, len(sample), n_params, 6, info, None))
+        for name, freeze in (("ours_full", True), ("ours_full_vision", False)):
+            free(info.device)
+            seconds, _ = ours(*one, args, info, "full", freeze_vision=freeze)
+            rows.append(row(name, seconds, len(sample), n_params, 6, info, base))
+    return rows, sample, profiles
 
 
 def main() -> int:
@@ -253,25 +322,26 @@ def main() -> int:
     p.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test); no JSON unless --out")
     p.add_argument("--fsdp", action="store_true", help="run the (c) variants even with one process")
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="add one profiled ours_lora_no_ckpt step to the JSON")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", type=Path, help="JSON path (default bench/results/train_7b[_fsdpN].json)")
     args = p.parse_args()
     info = init_distributed("cpu" if args.tiny else "cuda")
     try:
-        rows, sample = run(args, info)
+        rows, sample, profiles = run(args, info)
         if info.is_main:
             print_table(rows)
             out = args.out or (None if args.tiny else ROOT / "bench" / "results" /
                                ("train_7b.json" if info.world_size == 1 and not args.fsdp
                                 else f"train_7b_fsdp{info.world_size}.json"))
             if out:
-                write_json(out, rows, sample, info, args)
+                write_json(out, rows, sample, info, args, profiles)
     finally:
         close_distributed()
     return 0
 
 
-def write_json(out: Path, rows: list[dict], sample, info: DistInfo, args) -> None:
+def write_json(out: Path, rows: list[dict], sample, info: DistInfo, args, profiles: dict) -> None:
     import transformers
 
     card = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else platform.processor() or "cpu"
@@ -285,6 +355,7 @@ def write_json(out: Path, rows: list[dict], sample, info: DistInfo, args) -> Non
         "shapes": {"frames": (TINY if args.tiny else RECIPE)["frames"], "grid_thw": list(sample.video_grid_thw[0].tolist()),
                    "video_tokens": n_video, "tokens": len(sample), "text_tokens": len(sample) - n_video},
         "iters": args.iters, "warmup": args.warmup, "peak_flops_per_gpu": PEAK, "results": rows,
+        "profiles": profiles,
     }, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -1,6 +1,6 @@
 """Shared-prefix eval inputs: `Preprocessor.encode_prefix` / `encode_suffix` equal the full `encode`, the
 engine's prepared path equals scoring from full encodes, the eval loop's prefetch keeps order and errors,
-and `compile_vision` is a no-op on CPU. Tiny random model, synthetic clips; a few seconds on a CPU."""
+letter branches on one cache equal suffixes on expanded copies of it, and `compile_vision` is a no-op on CPU. Tiny random model, synthetic clips; a few seconds on a CPU."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def test_prepared_scoring_equals_scoring_from_full_encodes(model, processor):
     from trafficvlm.evaluate import LocalEngine
 
     spec, clip, records = VideoSpec(fps=4.0), _clip(), _records(5)
-    engine = LocalEngine(model, processor, spec, SYSTEM, question_batch=3)
+    engine = LocalEngine(model, processor, spec, SYSTEM, question_batch=3, branches=False)
     new = engine.score([(records, clip)])[0]
     assert engine.score_prepared(engine.prepare([(records, clip)]))[0] == new
 
@@ -124,12 +124,42 @@ def test_prefetch_keeps_order_and_raises_at_the_failing_item():
     assert got == [0, 10, 20] and seen[:4] == [0, 1, 2, 3]
 
 
-def test_compile_vision_is_a_noop_with_a_note_on_cpu(model, processor, capsys):
-    from trafficvlm.evaluate import LocalEngine, compile_vision_blocks
+@pytest.mark.parametrize("question_batch", [16, 3])
+def test_branches_equal_suffixes_on_expanded_cache_copies(model, processor, question_batch):
+    """Masked branches on one cache (the default) answer as the padded batch on expanded copies does; with
+    question_batch 3 the five questions take two chunks, so the cache must be cropped between them (a
+    chunk seeing the previous chunk's branches would change its probabilities)."""
+    from trafficvlm.evaluate import LocalEngine
 
-    assert compile_vision_blocks(model) == 0
-    assert "compile_vision skipped" in capsys.readouterr().err
-    engine = LocalEngine(model, processor, VideoSpec(fps=4.0), SYSTEM, compile_vision=True)
+    spec, clip, records = VideoSpec(fps=4.0), _clip(), _records(5)
+    branched = LocalEngine(model, processor, spec, SYSTEM, question_batch=question_batch)
+    expanded = LocalEngine(model, processor, spec, SYSTEM, question_batch=question_batch, branches=False)
+    assert branched.branches and not expanded.branches
+    a, b = branched.score([(records, clip)])[0], expanded.score([(records, clip)])[0]
+    assert [x.predicted for x in a] == [x.predicted for x in b]
+    for x, y in zip(a, b):
+        assert x.letter_probs.keys() == y.letter_probs.keys()
+        assert max(abs(x.letter_probs[k] - y.letter_probs[k]) for k in x.letter_probs) < 1e-5
+
+
+def test_branches_see_nothing_of_each_other(model, processor):
+    """A question's answer does not depend on which other questions share its forward."""
+    from trafficvlm.evaluate import LocalEngine
+
+    spec, clip, records = VideoSpec(fps=4.0), _clip(), _records(4)
+    engine = LocalEngine(model, processor, spec, SYSTEM)
+    together = engine.score([(records, clip)])[0]
+    alone = [engine.score([([r], clip)])[0][0] for r in records]
+    for x, y in zip(together, alone):
+        assert max(abs(x.letter_probs[k] - y.letter_probs[k]) for k in x.letter_probs) < 1e-5
+
+
+def test_compile_vision_is_a_noop_on_cpu(model, processor):
+    from trafficvlm.evaluate import LocalEngine
+    from trafficvlm.fast_vision import compile_vision_blocks, vision_compiled
+
+    assert compile_vision_blocks(model) == 0 and not vision_compiled(model)
+    engine = LocalEngine(model, processor, VideoSpec(fps=4.0), SYSTEM)  # compile_vision defaults to True
     assert len(engine.score([(_records(2), _clip())])[0]) == 2
 
 
@@ -139,9 +169,10 @@ def test_cli_compile_vision_flag_reaches_the_config():
 
     sub = argparse.ArgumentParser().add_subparsers()
     add_cli(sub)
-    args = sub.choices["eval"].parse_args(["--compile-vision", "--out", "x"])
-    assert _overrides(args)["compile_vision"] is True
-    assert load_eval_config(None, _overrides(args)).compile_vision is True
+    args = sub.choices["eval"].parse_args(["--no-compile-vision", "--out", "x"])
+    assert _overrides(args)["compile_vision"] is False
+    assert load_eval_config(None, _overrides(args)).compile_vision is False
+    assert load_eval_config(None, {}).compile_vision is True
     assert "compile_vision" not in _overrides(sub.choices["eval"].parse_args(["--out", "x"]))
 
 

@@ -42,3 +42,44 @@ def test_convert_replaces_exactly_the_named_linears_and_rejects_odd_sizes():
         convert_linears(model, {"1"})
     with pytest.raises(ValueError, match="divisible by 16"):
         Fp8RowwiseLinear.from_linear(torch.nn.Linear(30, 16))
+
+
+class _Attention(torch.nn.Module):
+    """The calling pattern of a transformers attention: three projections of one input."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(64, n).to(torch.bfloat16) for n in (64, 32, 32))
+
+    def forward(self, x):
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+
+def test_fused_siblings_give_each_projection_its_own_output():
+    from trafficvlm.fp8_linear import fuse_siblings
+
+    torch.manual_seed(0)
+    attn = _Attention()
+    convert_linears(attn, {"q_proj", "k_proj", "v_proj"}, fused=False)
+    x = torch.randn(2, 7, 64, dtype=torch.bfloat16)
+    alone = attn(x)
+    assert fuse_siblings(attn) == 1
+    assert attn.k_proj.weight.data_ptr() != attn.q_proj.weight.data_ptr()
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.q_proj.weight.untyped_storage().data_ptr()
+    together = attn(x)
+    for a, b in zip(alone, together):
+        assert a.shape == b.shape and torch.equal(a, b)
+    group = attn.q_proj.group
+    assert group._input is None and not group._pending   # everything collected: no activation kept alive
+    # out of pattern (k alone, a new input): recomputed, still right
+    y = torch.randn(4, 64, dtype=torch.bfloat16)
+    assert torch.equal(attn.k_proj(y), attn.k_proj(y))
+    assert torch.equal(attn.v_proj(x), alone[2])
+
+
+def test_siblings_need_every_member_converted():
+    from trafficvlm.fp8_linear import fuse_siblings
+
+    attn = _Attention()
+    convert_linears(attn, {"q_proj", "k_proj"}, fused=False)
+    assert fuse_siblings(attn) == 0 and attn.q_proj.group is None

@@ -299,6 +299,7 @@ class TrainSection:
     freeze_embeddings: bool = False
     grad_checkpointing: bool = True
     compile: bool = False
+    compile_vision: bool = True      # torch.compile the vision blocks when the tower is frozen (CUDA only)
     batching: str = "packed"         # packed (padding-free, one row) | padded
     shared_prefix: bool = False      # one sequence per video: prefix once, each question a branch; the
                                      # batch unit becomes a video (global_batch and micro_batch count videos;
@@ -491,7 +492,7 @@ class EvalConfig:
     dtype: str = "auto"              # auto (bf16 on GPU, the checkpoint's on CPU) | bfloat16 | float16 | float32
     device: str = "auto"             # auto | cpu | cuda
     max_length: int | None = None    # longer prompts are an error naming the record
-    compile_vision: bool = False     # torch.compile each vision block (CUDA; a no-op with a note on CPU)
+    compile_vision: bool = True      # torch.compile each vision block on CUDA (ignored on CPU)
     frame_cache: str | None = None   # directory; None = the shared default ($TRAFFICVLM_CACHE)
     tracking: TrackingSection = field(default_factory=lambda: TrackingSection(run_name="eval"))
 

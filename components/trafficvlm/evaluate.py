@@ -21,12 +21,17 @@ questions from one copied prefix cache, which is why the loop is ours. A test ch
 against full re-forwards.)
 
 Shared prefix (default): the questions of one clip share system prompt + video. The prefix (everything up to
-`<|vision_end|>`) runs once, with the vision tower, into a KV cache; the questions' suffixes then run as one
-batch on copies of that cache. Suffixes are left-padded *between* prefix and suffix (masked), so each row's
-last column is its answer position and generation continues from there. Suffix positions are the slice of
-the full sequence's positions (text continues after the video block), so this equals per-question scoring.
-The prefix is encoded once per clip and each question only as its suffix (`Preprocessor.encode_prefix` /
-`encode_suffix`, tested equal to the full `encode`).
+`<|vision_end|>`) runs once, with the vision tower, into a KV cache. In letter mode all the questions'
+suffixes then run as *one* row of branches appended to that cache: a 4-D mask (`data.branch_mask`, the
+same one shared-prefix training uses) lets each branch see the prefix and itself only, and the logits are
+read at each branch's last token. The cache is never copied, and the prefix keeps the causal flash kernel;
+only the ~15 x 40 branch tokens attend through the mask. (The former path ran the suffixes as a padded
+batch on 15 expanded copies of the cache: 15 x 3.4k keys materialised per layer, ~140 ms a clip on an
+H200; docs/perf.md.) Generate mode still continues a left-padded batch on copies of the cache, because
+each row then decodes on its own. Suffix positions are the slice of the full sequence's positions (text
+continues after the video block), so both equal per-question scoring. The prefix is encoded once per clip
+and each question only as its suffix (`Preprocessor.encode_prefix` / `encode_suffix`, tested equal to
+the full `encode`).
 
 The CPU side of `score` (prompts, positions, pixels cast to the model dtype and pinned) is `prepare`; a
 caller that overlaps it with the GPU runs `prepare` for the next clip in a thread while `score_prepared`
@@ -35,7 +40,9 @@ runs the current one (`stages/evaluate.py` does):
     prepared = engine.prepare([(records, clip)])     # CPU only; thread-safe beside score_prepared
     answers = engine.score_prepared(prepared)[0]
 
-`compile_vision=True` wraps each vision block in torch.compile on CUDA (a no-op with a note on CPU).
+`compile_vision=True` (the default) wraps each vision block in torch.compile on CUDA (the 7B tower 7x
+faster than transformers' on an H100, docs/perf.md; the first clip of each new grid shape pays the compile);
+it does nothing on CPU, where compiling costs minutes and gains little.
 """
 
 from __future__ import annotations
@@ -43,7 +50,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,12 +132,14 @@ class LocalEngine:
 
     `mode`: "letter" or "generate". `shared_prefix`: one prefill per clip (see the module docstring);
     without it, letter mode runs right-padded batches of up to `question_batch` questions across clips,
-    and generate mode one question at a time. `blind=True` removes the video from the prompt (baseline)."""
+    and generate mode one question at a time. `blind=True` removes the video from the prompt (baseline).
+    `branches=False` runs letter mode's suffixes on expanded copies of the prefix cache instead of as
+    masked branches of one row (the former path; kept for the benchmark and as a cross-check)."""
 
     def __init__(self, model, processor, spec: VideoSpec, system_prompt: str, *, mode: str = "letter",
                  shared_prefix: bool = True, question_batch: int = 16, max_new_tokens: int = 16,
                  temperature: float = 0.0, seed: int = 0, blind: bool = False, max_length: int | None = None,
-                 compile_vision: bool = False):
+                 compile_vision: bool = True, branches: bool = True):
         import torch
 
         from trafficvlm.processing import Preprocessor
@@ -140,6 +148,7 @@ class LocalEngine:
             raise ValueError(f"mode must be 'letter' or 'generate', got {mode!r}")
         self.model, self.mode, self.blind = model, mode, blind
         self.shared_prefix, self.question_batch = shared_prefix, max(1, question_batch)
+        self.branches = branches and mode == "letter"
         self.max_new_tokens, self.temperature, self.max_length = max_new_tokens, temperature, max_length
         self.pre = Preprocessor(processor, spec, system_prompt)
         self.tokenizer = processor.tokenizer
@@ -149,7 +158,9 @@ class LocalEngine:
         self.eos_ids = {self.tokenizer.convert_tokens_to_ids(t) for t in EOS_TOKENS}
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         if compile_vision and not blind:
-            compile_vision_blocks(model)
+            from trafficvlm.fast_vision import compile_vision_blocks
+
+            compile_vision_blocks(model)  # CUDA only
 
     @property
     def needs_frames(self) -> bool:
@@ -204,9 +215,33 @@ class LocalEngine:
         answers: list[Answer] = []
         for start in range(0, len(p.suffixes), self.question_batch):
             chunk = p.suffixes[start:start + self.question_batch]
-            answers += self._continue(cache, split, p.records[start:start + len(chunk)],
-                                      [(s.input_ids, s.position_ids) for s in chunk])
+            records = p.records[start:start + len(chunk)]
+            seqs = [(s.input_ids, s.position_ids) for s in chunk]
+            if self.branches:
+                answers += self._branches(cache, split, records, seqs)
+                cache.crop(split)  # the next chunk's branches must not see this one's
+            else:
+                answers += self._continue(cache, split, records, seqs)
         return answers
+
+    def _branches(self, cache, prefix_len: int, records: list[VideoQARecord],
+                  suffixes: list[tuple["torch.Tensor", "torch.Tensor"]]) -> list[Answer]:
+        """Letter answers for the suffixes run back to back as one row on `cache` (prefix_len tokens),
+        each branch masked to see the prefix and itself (appends the branches to `cache`)."""
+        import torch
+
+        from trafficvlm.data import branch_mask
+
+        lengths = [len(ids) for ids, _ in suffixes]
+        ends = torch.tensor(lengths).cumsum(0)
+        spans = [(prefix_len + int(end) - n, n) for end, n in zip(ends, lengths)]
+        total = prefix_len + int(ends[-1])
+        mask = branch_mask(prefix_len, spans, total)[:, :, prefix_len:]  # [1, 1, branch tokens, total]
+        ids = torch.cat([ids for ids, _ in suffixes])[None]
+        pos = torch.cat([pos for _, pos in suffixes], dim=1)[:, None]
+        hidden, _ = self._forward(ids, pos, mask, cache=cache)
+        logits = self.model.lm_head(hidden[0, (ends - 1).to(hidden.device)])
+        return [letter_answer(logits[k], r.options, self.letter_ids) for k, r in enumerate(records)]
 
     def _encode(self, record: VideoQARecord, clip: "Clip"):
         sample = self.pre.encode(record, clip, with_answer=False)
@@ -348,29 +383,6 @@ class LocalEngine:
                                attention_mask=None if mask is None else mask.to(self.device),
                                past_key_values=cache, use_cache=use_cache, **(vision or {}))
         return out.last_hidden_state, out.past_key_values
-
-
-def compile_vision_blocks(model) -> int:
-    """Wrap every vision block of `model` in torch.compile (each block one graph; on an H100 the 7B tower
-    went from 126 to ~52 ms per setting-A clip). Returns how many blocks were wrapped: 0 on CPU, where
-    compiling costs minutes and gains little, so it is skipped with a note. Idempotent."""
-    import torch
-
-    from trafficvlm.fast_vision import vision_towers
-
-    device = next(model.parameters()).device
-    if device.type != "cuda":
-        print(f"note: compile_vision skipped: the model is on {device.type}, not CUDA", file=sys.stderr)
-        return 0
-    # Window and full-attention blocks (and each clip grid) are separate graphs.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    wrapped = 0
-    for tower in vision_towers(model):
-        for block in tower.blocks:
-            if getattr(block, "_compiled_call_impl", None) is None:
-                block.compile()
-                wrapped += 1
-    return wrapped
 
 
 def _expand_cache(cache, batch: int):

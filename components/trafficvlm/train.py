@@ -140,6 +140,21 @@ def prepare_model(model, cfg: TrainConfig):
     return model, lora, {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}
 
 
+def wrap_model(model, cfg: TrainConfig, info: DistInfo):
+    """Compile a frozen vision tower (it only runs forward), then checkpoint / compile / FSDP2-shard
+    (`parallel.shard_model`). In place; returns `model`."""
+    if cfg.train.compile_vision and vision_frozen(cfg) and info.device.type == "cuda":
+        from trafficvlm.fast_vision import compile_vision_blocks
+
+        compile_vision_blocks(model)
+    return shard_model(model, info, block_classes=block_classes(model), checkpointing=cfg.train.grad_checkpointing,
+                       compile=cfg.train.compile)
+
+
+def vision_frozen(cfg: TrainConfig) -> bool:
+    return cfg.train.mode == "lora" or cfg.train.freeze_vision
+
+
 def block_classes(model) -> list[str]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return list(base._no_split_modules)
@@ -266,13 +281,14 @@ class Monitor:
             self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start)
             _truncate_jsonl(out / "metrics.jsonl", start)
 
-    def step(self, step: int, stats: StepStats, lr: float, seconds: float) -> None:
+    def step(self, step: int, stats: StepStats, lr: float, seconds: float, data_s: float = 0.0) -> None:
         self.bar.update(1)
         self.losses.append(stats.loss)
         if not self.info.is_main or (step + 1) % self.cfg.train.log_every:
             return
         m = {"loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm, "tokens_per_s": stats.tokens / seconds,
-             "samples_per_s": stats.samples / seconds, "step_s": seconds}
+             "samples_per_s": stats.samples / seconds, "step_s": seconds, "data_wait_s": data_s,
+             "data_wait_frac": data_s / seconds}
         if self.peak:
             m["mfu"] = self.flops_per_token * stats.tokens / seconds / (self.peak * self.info.world_size)
         self.bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{m['tokens_per_s']:.0f}",
@@ -344,8 +360,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
     torch.manual_seed(cfg.train.seed)
     model, lora, counts = build_model(cfg, info.device)
     n_params = counts["total"]
-    shard_model(model, info, block_classes=block_classes(model), checkpointing=cfg.train.grad_checkpointing,
-                compile=cfg.train.compile)
+    wrap_model(model, cfg, info)
 
     dataset, plan, collate = build_data(cfg, info)
     total = cfg.train.max_steps or cfg.train.epochs * plan.steps_per_epoch
@@ -415,6 +430,7 @@ def _loop(cfg, info, model, opt, sched, loader, plan, monitor, start, total, ckp
     for step in range(start, total):
         t0 = time.perf_counter()
         micro = [next(loader) for _ in range(plan.accumulation)]
+        data_s = time.perf_counter() - t0  # waiting for the loader: the data path not keeping up
         watchdog.step_started(step + 1, [i for _, ids in micro for i in ids])
         try:
             stats = train_step(model, micro, info)
@@ -424,7 +440,7 @@ def _loop(cfg, info, model, opt, sched, loader, plan, monitor, start, total, ckp
         lr = opt.param_groups[0]["lr"]  # the rate this step uses; the scheduler moves it on in clip_and_step
         watchdog.phase("optimizer")
         stats.grad_norm = clip_and_step(model, opt, sched, cfg.train.max_grad_norm)
-        monitor.step(step, stats, lr, time.perf_counter() - t0)
+        monitor.step(step, stats, lr, time.perf_counter() - t0, data_s)
         watchdog.step_done()
         done = step + 1
         if cfg.model.random_init:  # random weights: nothing worth resuming (7B + AdamW state: ~100 GB)

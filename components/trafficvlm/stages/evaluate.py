@@ -43,7 +43,7 @@ examples:
   trafficvlm eval --engine openai --endpoint http://127.0.0.1:8000/v1 --api-key-env NIM_API_KEY \\
       --model runs/sft/final --data ... --media-dir ... --out runs/eval-nim
   trafficvlm eval ... --resume                                # continue a killed run
-  trafficvlm eval ... --compile-vision                        # compiled vision blocks (CUDA)
+  trafficvlm eval ... --no-compile-vision                     # skip compiling the vision blocks (CUDA)
   torchrun --nproc-per-node 4 -m trafficvlm eval ...          # data-parallel over clips
 """
 
@@ -429,8 +429,9 @@ def add_cli(subparsers) -> None:
                    help="allow a video spec / prompt different from the bundle's")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"))
-    p.add_argument("--compile-vision", action="store_true", default=None,
-                   help="torch.compile each vision block (CUDA only; first clip pays the compile)")
+    p.add_argument("--compile-vision", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each vision block on CUDA (default on; the first clip of each new "
+                        "grid shape pays the compile; ignored on CPU)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_main_eval)
 
