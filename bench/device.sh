@@ -39,7 +39,7 @@ run() {  # name, seconds, command...
 for bench in "$@"; do
   case $bench in
     vision) run vision_7b 180 python3 bench/vision_7b.py --out "$OUT/vision_7b.json" ;;
-    eval) run eval_shared_prefix 270 python3 bench/eval_shared_prefix.py --out "$OUT/eval_shared_prefix.json" ;;
+    eval) run eval_shared_prefix 270 python3 bench/eval_shared_prefix.py --profile --out "$OUT/eval_shared_prefix.json" ;;
     # the emulated row (CPU gate numerics) and the torchao rows (slower; compiled fails in Dynamo) are
     # in earlier JSONs; the JSON is rewritten after every row, so a row past the limit loses only itself
     fp8) run fp8_eval 420 python3 bench/fp8_eval.py --repeats 3 --workdir /tmp/fp8bench --out "$OUT/fp8_eval.json" --rows bf16,scaled-mm,scaled-mm-separate,compressed-tensors ;;

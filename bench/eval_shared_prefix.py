@@ -150,6 +150,47 @@ def timed(engine, recs, clips: list[Clip], prefetch: bool) -> tuple[float, float
     return (time.perf_counter() - start) / n, timer.seconds / n, answers[0]
 
 
+def breakdown(engine, recs, clip: Clip, repeats: int = 3) -> dict:
+    """GPU milliseconds of one clip's parts in the default engine (CUDA events, median of `repeats` after a
+    warm-up): the vision tower alone, the prefix forward (vision + LLM), the 15 branches on its cache, and
+    the top CUDA kernels of one whole `score_prepared` (torch.profiler)."""
+    import statistics
+
+    from torch.profiler import ProfilerActivity, profile
+
+    p = engine.prepare([(recs, clip)])[0]
+    parts: dict[str, list[float]] = {"vision": [], "prefix (vision + LLM)": [], "branches": []}
+    with torch.inference_mode():
+        for k in range(repeats + 1):
+            vision = {key: v.to("cuda", non_blocking=True) for key, v in p.vision.items()}
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+            events[0].record()
+            engine.model.model.get_video_features(vision["pixel_values_videos"], vision["video_grid_thw"])
+            events[1].record()
+            _, cache = engine._forward(p.prefix.input_ids[None], p.prefix.position_ids[:, None], None, cache=None,
+                                       vision=vision)
+            events[2].record()
+            engine._branches(cache, p.branches[0], recs)
+            events[3].record()
+            torch.cuda.synchronize()
+            if k:
+                for name, a, b in zip(parts, events, events[1:]):
+                    parts[name].append(a.elapsed_time(b))
+    out = {name: statistics.median(v) for name, v in parts.items()}
+    out["LLM prefix (prefix - vision)"] = out["prefix (vision + LLM)"] - out["vision"]
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.score_prepared([p])
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+    kernel_ms = sum(e.self_device_time_total for e in events) / 1e3
+    top = [{"op": e.key[:120], "calls": e.count, "ms": round(e.self_device_time_total / 1e3, 3)} for e in events[:20]]
+    print("GPU ms per clip, default engine: " + ", ".join(f"{k} {v:.1f}" for k, v in out.items())
+          + f"; CUDA kernel time of one clip {kernel_ms:.1f} ms; top kernels:")
+    for t in top:
+        print(f"  {t['ms']:9.2f} ms {t['calls']:6d}x  {t['op'][:100]}")
+    return {"ms": out, "kernel_ms_per_clip": kernel_ms, "top_kernels": top}
+
+
 def prep_only(repeats: int) -> dict:
     """CPU milliseconds per clip at setting A: patchify, the dtype cast, and the prompts encoded either per
     question in full (the former eval path) or as one prefix plus suffixes (`LocalEngine.prepare` now)."""
@@ -195,6 +236,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="float32 shows the engines agree up to rounding (bf16 reorders sums per batch shape)")
     parser.add_argument("--no-compile-vision", action="store_true", help="skip the compiled-vision rows")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the rows: per-part GPU times and top kernels of the default engine")
     parser.add_argument("--per-question-rows", action="store_true",
                         help="also time our per-question and padded-batch engines (slow; measured before)")
     parser.add_argument("--prep-only", action="store_true", help="CPU preprocessing figures only (no GPU)")
@@ -233,6 +276,8 @@ def main() -> None:
         setups["padded batch of 15"] = (None, dict(shared_prefix=False, question_batch=15, compile_vision=False),
                                         False)
     if not args.no_compile_vision:  # last: compiling wraps the vision blocks in place
+        setups["per question + compiled vision"] = ("sdpa_batched", dict(shared_prefix=False, question_batch=1,
+                                                                          compile_vision=True), False)
         setups["expanded cache + compiled vision, prefetched"] = ("sdpa_batched", {**expanded, "compile_vision": True},
                                                                  True)
         setups["branches + compiled vision (default)"] = ("sdpa_batched", {**eager, "compile_vision": True}, False)
@@ -276,6 +321,9 @@ def main() -> None:
                                    "ms_per_clip": r["seconds_per_clip"] * 1e3,
                                    "cpu_prep_ms_per_clip": r["cpu_prep_ms_per_clip"], "prefetched": r["prefetched"],
                                    "speedup_vs_baseline": speedup, "same_argmax": same, "max_prob_diff": dp}
+    if args.profile:
+        result["breakdown"] = breakdown(LocalEngine(model, processor, SETTING_A, SYSTEM_PROMPT, question_batch=16),
+                                        recs, clips[1])
     result["cpu_preprocessing"] = prep_only(args.repeats)  # this host's CPU: the split behind "cpu ms"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -57,7 +57,8 @@ sys.path.insert(0, str(ROOT / "components"))
 from trafficvlm.config import TrainConfig, VideoSpec, from_dict  # noqa: E402
 from trafficvlm.parallel import DistInfo, close_distributed, init_distributed, shard_model  # noqa: E402
 from trafficvlm.processing import collate_packed, collate_padded  # noqa: E402
-from trafficvlm.train import build_optimizer, clip_and_step, prepare_model, train_step, wrap_model  # noqa: E402
+from trafficvlm.train import (build_optimizer, clip_and_step, prepare_model, random_model, train_step,  # noqa: E402
+                             wrap_model)
 
 PEAK = 989e12
 RECIPE = dict(frames=74, height=196, width=364, grid=(37, 14, 26))
@@ -197,7 +198,9 @@ def ours(batch: dict, ids: list[str], args, info: DistInfo, mode: str, freeze_vi
     """(b) / (c): exactly train.py's path: prepare_model, wrap_model, build_optimizer, train_step; `train`
     overrides train.* keys. Returns (median step seconds, top CUDA kernels of one more step or None)."""
     cfg = train_cfg(mode, freeze_vision, **train)
-    model, _, _ = prepare_model(build_model(args.tiny, info.device, torch.float32), cfg)
+    cfg.model.random_init = "tiny" if args.tiny else "7b"
+    torch.manual_seed(0)
+    model, _, _ = prepare_model(random_model(cfg, info.device), cfg)  # train.py's model: fast vision on CUDA
     wrap_model(model, cfg, info)
     opt, sched = build_optimizer(model, cfg, total_steps=10_000, use_cuda=info.device.type == "cuda")
     micro = [(batch, ids)]

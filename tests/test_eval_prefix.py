@@ -194,3 +194,15 @@ def test_patchify_equals_the_float_reordering_it_replaced():
     assert torch.equal(got, x.reshape(gt * gh * gw, 3 * tp * p * p))
     wider = np.concatenate([frames, frames[:, :, :28]], axis=2)
     assert torch.equal(patchify_video(wider[:, :, :84], px)[0], got)  # a non-contiguous view of the frames
+
+
+def test_branch_row_mask_is_the_branch_rows_of_the_training_mask():
+    from trafficvlm.data import branch_mask
+    from trafficvlm.evaluate import branch_row
+
+    suffixes = [(torch.arange(n) + 100 * n, torch.arange(n).view(1, -1).expand(3, -1) + 7) for n in (3, 1, 4)]
+    row = branch_row(5, suffixes)
+    spans = [(5, 3), (8, 1), (9, 4)]
+    assert torch.equal(row.mask, branch_mask(5, spans, 13)[:, :, 5:])
+    assert row.input_ids.shape == (1, 8) and row.position_ids.shape == (3, 1, 8)
+    assert row.ends.tolist() == [2, 3, 7]

@@ -82,6 +82,34 @@ class PreparedClip:
     prefix: Any                        # processing.PromptPrefix
     suffixes: list[Any]                # processing.Suffix, one per record
     vision: dict[str, Any]             # pixels in the model dtype (pinned for CUDA) and the grid
+    branches: list["Branches"]         # letter mode: the suffixes as masked branches, question_batch a chunk
+
+
+@dataclass
+class Branches:
+    """Suffixes back to back in one row after a prefix (`branch_row`, `LocalEngine._branches`)."""
+
+    input_ids: Any                     # [1, n] the suffixes' tokens
+    position_ids: Any                  # [3, 1, n] their 3-D positions (each continuing from the prefix)
+    mask: Any                          # [1, 1, n, prefix_len + n] bool: the prefix and its own branch, causal
+    ends: Any                          # [k] index of each suffix's last token in the row
+
+
+def branch_row(prefix_len: int, suffixes: list[tuple["torch.Tensor", "torch.Tensor"]]) -> Branches:
+    """The row and mask for suffixes that each see the prefix and themselves only (the rows of
+    `data.branch_mask` for the branch tokens, built without the prefix's own L x L part)."""
+    import torch
+
+    lengths = [len(ids) for ids, _ in suffixes]
+    n = sum(lengths)
+    mask = torch.zeros(n, prefix_len + n, dtype=torch.bool)
+    mask[:, :prefix_len] = True
+    start = 0
+    for k in lengths:
+        mask[start:start + k, prefix_len + start:prefix_len + start + k] = torch.ones(k, k, dtype=torch.bool).tril()
+        start += k
+    return Branches(torch.cat([ids for ids, _ in suffixes])[None], torch.cat([pos for _, pos in suffixes], dim=1)[:, None],
+                    mask[None, None], torch.tensor(lengths).cumsum(0) - 1)
 
 
 @dataclass
@@ -202,10 +230,15 @@ class LocalEngine:
         for r, s in zip(records, suffixes):
             self._check_length(r, len(prefix) + len(s))
         pixels = prefix.pixel_values_videos.to(self.dtype)
+        chunks = []
+        if self.branches:
+            chunks = [branch_row(len(prefix), [(s.input_ids, s.position_ids) for s in suffixes[i:i + self.question_batch]])
+                      for i in range(0, len(suffixes), self.question_batch)]
         if self.device.type == "cuda":
             pixels = pixels.pin_memory()
+            chunks = [Branches(*(t.pin_memory() for t in (c.input_ids, c.position_ids, c.mask, c.ends))) for c in chunks]
         return PreparedClip(records, prefix, suffixes,
-                            {"pixel_values_videos": pixels, "video_grid_thw": prefix.video_grid_thw})
+                            {"pixel_values_videos": pixels, "video_grid_thw": prefix.video_grid_thw}, chunks)
 
     def _score_shared(self, p: PreparedClip) -> list[Answer]:
         vision = {k: v.to(self.device, non_blocking=True) for k, v in p.vision.items()}
@@ -213,34 +246,21 @@ class LocalEngine:
         _, cache = self._forward(p.prefix.input_ids[None], p.prefix.position_ids[:, None], None,
                                  cache=None, vision=vision)
         answers: list[Answer] = []
-        for start in range(0, len(p.suffixes), self.question_batch):
-            chunk = p.suffixes[start:start + self.question_batch]
-            records = p.records[start:start + len(chunk)]
-            seqs = [(s.input_ids, s.position_ids) for s in chunk]
-            if self.branches:
-                answers += self._branches(cache, split, records, seqs)
-                cache.crop(split)  # the next chunk's branches must not see this one's
-            else:
-                answers += self._continue(cache, split, records, seqs)
+        for start, chunk in zip(range(0, len(p.suffixes), self.question_batch), p.branches):
+            answers += self._branches(cache, chunk, p.records[start:start + self.question_batch])
+            cache.crop(-chunk.input_ids.shape[1])  # back to the prefix: the next chunk must not see these
+        if not self.branches:
+            for start in range(0, len(p.suffixes), self.question_batch):
+                chunk = p.suffixes[start:start + self.question_batch]
+                answers += self._continue(cache, split, p.records[start:start + len(chunk)],
+                                          [(s.input_ids, s.position_ids) for s in chunk])
         return answers
 
-    def _branches(self, cache, prefix_len: int, records: list[VideoQARecord],
-                  suffixes: list[tuple["torch.Tensor", "torch.Tensor"]]) -> list[Answer]:
-        """Letter answers for the suffixes run back to back as one row on `cache` (prefix_len tokens),
-        each branch masked to see the prefix and itself (appends the branches to `cache`)."""
-        import torch
-
-        from trafficvlm.data import branch_mask
-
-        lengths = [len(ids) for ids, _ in suffixes]
-        ends = torch.tensor(lengths).cumsum(0)
-        spans = [(prefix_len + int(end) - n, n) for end, n in zip(ends, lengths)]
-        total = prefix_len + int(ends[-1])
-        mask = branch_mask(prefix_len, spans, total)[:, :, prefix_len:]  # [1, 1, branch tokens, total]
-        ids = torch.cat([ids for ids, _ in suffixes])[None]
-        pos = torch.cat([pos for _, pos in suffixes], dim=1)[:, None]
-        hidden, _ = self._forward(ids, pos, mask, cache=cache)
-        logits = self.model.lm_head(hidden[0, (ends - 1).to(hidden.device)])
+    def _branches(self, cache, chunk: "Branches", records: list[VideoQARecord]) -> list[Answer]:
+        """Letter answers for one chunk of branches run as one row on `cache` (appends them to it)."""
+        hidden, _ = self._forward(chunk.input_ids, chunk.position_ids, chunk.mask, cache=cache)
+        ends = chunk.ends.to(self.device, non_blocking=True)
+        logits = self.model.lm_head(hidden[0, ends]).float().cpu()  # one copy, then CPU-side letter picks
         return [letter_answer(logits[k], r.options, self.letter_ids) for k, r in enumerate(records)]
 
     def _encode(self, record: VideoQARecord, clip: "Clip"):
@@ -379,8 +399,9 @@ class LocalEngine:
     def _forward(self, ids, pos, mask, *, cache, vision: dict | None = None, use_cache: bool = True):
         """The base model (no LM head: callers project only the positions they read) with explicit 3-D
         positions. Returns (last hidden states, KV cache)."""
-        out = self.model.model(input_ids=ids.to(self.device), position_ids=pos.to(self.device),
-                               attention_mask=None if mask is None else mask.to(self.device),
+        out = self.model.model(input_ids=ids.to(self.device, non_blocking=True),
+                               position_ids=pos.to(self.device, non_blocking=True),
+                               attention_mask=None if mask is None else mask.to(self.device, non_blocking=True),
                                past_key_values=cache, use_cache=use_cache, **(vision or {}))
         return out.last_hidden_state, out.past_key_values
 

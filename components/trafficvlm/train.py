@@ -147,8 +147,10 @@ def wrap_model(model, cfg: TrainConfig, info: DistInfo):
         from trafficvlm.fast_vision import compile_vision_blocks
 
         compile_vision_blocks(model)
+    # One rank: the "shard" is the whole fp32 weight, so resharding after forward saves nothing and makes
+    # backward gather (copy + cast to bf16) every block a second time.
     return shard_model(model, info, block_classes=block_classes(model), checkpointing=cfg.train.grad_checkpointing,
-                       compile=cfg.train.compile)
+                       compile=cfg.train.compile, reshard_after_forward=info.world_size > 1)
 
 
 def vision_frozen(cfg: TrainConfig) -> bool:
