@@ -196,7 +196,7 @@ def prep_only(repeats: int) -> dict:
     question in full (the former eval path) or as one prefix plus suffixes (`LocalEngine.prepare` now)."""
     from trafficvlm.processing import Preprocessor, patchify_video
 
-    processor = Processor(build_tokenizer("byte"), PixelSpec(), chat_template(), "random-init 7B")
+    processor = Processor(build_tokenizer("qwen"), PixelSpec(), chat_template(), "random-init 7B")
     pre, recs = Preprocessor(processor, SETTING_A, SYSTEM_PROMPT), records()
     clips = [synthetic_clip(seed) for seed in range(repeats + 1)]
 
@@ -255,7 +255,7 @@ def main() -> None:
     with torch.device("cuda"):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config_7b(), dtype=getattr(torch, args.dtype),
                                                                  attn_implementation="sdpa").eval()
-    processor = Processor(build_tokenizer("byte"), PixelSpec(), chat_template(), "random-init 7B")
+    processor = Processor(build_tokenizer("qwen"), PixelSpec(), chat_template(), "random-init 7B")
     recs = records()
     clips = [synthetic_clip(seed) for seed in range(args.repeats + 1)]  # fresh frames per timed call
     clip = clips[0]
