@@ -150,7 +150,7 @@ def timed(engine, recs, clips: list[Clip], prefetch: bool) -> tuple[float, float
     return (time.perf_counter() - start) / n, timer.seconds / n, answers[0]
 
 
-def breakdown(engine, recs, clip: Clip, repeats: int = 3) -> dict:
+def breakdown(engine, recs, clip: Clip, repeats: int = 3, kernels: bool = True) -> dict:
     """GPU milliseconds of one clip's parts in the default engine (CUDA events, median of `repeats` after a
     warm-up): the vision tower alone, the prefix forward (vision + LLM), the 15 branches on its cache, and
     the top CUDA kernels of one whole `score_prepared` (torch.profiler)."""
@@ -178,6 +178,9 @@ def breakdown(engine, recs, clip: Clip, repeats: int = 3) -> dict:
                     parts[name].append(a.elapsed_time(b))
     out = {name: statistics.median(v) for name, v in parts.items()}
     out["LLM prefix (prefix - vision)"] = out["prefix (vision + LLM)"] - out["vision"]
+    if not kernels:
+        print("GPU ms per clip: " + ", ".join(f"{k} {v:.1f}" for k, v in out.items()))
+        return {"ms": out}
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         engine.score_prepared([p])
         torch.cuda.synchronize()

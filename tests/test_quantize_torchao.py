@@ -165,23 +165,19 @@ def test_fp8_bench_cpu_smoke_records_a_failing_row_and_runs_the_rest(tmp_path):
         fp8_eval.main(["--rows", "bf16,fast"])
 
 
-def test_scaled_mm_route_runs_the_checkpoint_with_fused_sibling_gemms(fp8):
-    """to_fp8_rowwise on the tiny checkpoint (torch's reference scaled_mm on CPU): every decoder layer's
-    q/k/v and gate/up become one GEMM each, and the logits equal the unfused route's."""
+def test_scaled_mm_route_converts_exactly_the_quantized_layers_and_keeps_the_logits(fp8):
+    """to_fp8_rowwise on the tiny checkpoint (torch's reference scaled_mm on CPU): every quantized layer and
+    nothing else becomes an Fp8RowwiseLinear, and the logits stay those of the W8A8 emulation."""
     from trafficvlm.fp8_linear import Fp8RowwiseLinear
 
     qc = q.quantization_config_of(fp8)
-    fused, separate = _dequantized(fp8), _dequantized(fp8)
-    names = q.to_fp8_rowwise(fused, qc, fused=False)
-    assert q.to_fp8_rowwise(separate, qc, fused=False, siblings=False) == names
-    layers = fused.model.language_model.layers
-    for layer in layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        assert attn.q_proj.group is attn.k_proj.group is attn.v_proj.group is not None
-        assert mlp.gate_proj.group is mlp.up_proj.group is not None
-        assert attn.o_proj.group is None and mlp.down_proj.group is None
-    assert all(m.group is None for m in separate.modules() if isinstance(m, Fp8RowwiseLinear))
+    rowwise, emulated = _dequantized(fp8), _dequantized(fp8)
+    names = q.to_fp8_rowwise(rowwise, qc, fused=False)
+    assert names == sorted(name for name, _, _ in q.quantized_layers(emulated, qc))
+    assert {n for n, m in rowwise.named_modules() if isinstance(m, Fp8RowwiseLinear)} == set(names)
+    assert not any("visual" in n or "lm_head" in n for n in names)
+    q.emulate_fp8_activations(emulated, qc)
     ids = torch.randint(0, 200, (1, 12))
     with torch.inference_mode():
-        a, b = fused(input_ids=ids).logits, separate(input_ids=ids).logits
-    assert torch.allclose(a.float(), b.float(), rtol=0, atol=1e-2 * float(b.abs().max()))
+        a, b = rowwise(input_ids=ids).logits.float(), emulated(input_ids=ids).logits.float()
+    assert float((a - b).norm() / b.norm()) < 0.05

@@ -527,23 +527,19 @@ def to_torchao_float8(model, qc: dict[str, Any]) -> list[str]:
     return sorted(names)
 
 
-def to_fp8_rowwise(model, qc: dict[str, Any], fused: bool = True, siblings: bool = True) -> list[str]:
+def to_fp8_rowwise(model, qc: dict[str, Any], fused: bool = True) -> list[str]:
     """Turn exactly the Linear layers `qc` quantized into `trafficvlm.fp8_linear.Fp8RowwiseLinear` (the same
-    FP8 codes and per-row scales: see `to_torchao_float8` for why re-quantizing reproduces them), with
-    q/k/v and gate/up each run as one GEMM (`fp8_linear.fuse_siblings`) unless `siblings=False`. `model`
+    FP8 codes and per-row scales: see `to_torchao_float8` for why re-quantizing reproduces them). `model`
     must be the dequantized bf16 load of the checkpoint. Returns the converted layer names."""
     from compressed_tensors.offload import remove_dispatch
 
-    from trafficvlm.fp8_linear import convert_linears, fuse_siblings
+    from trafficvlm.fp8_linear import convert_linears
 
     names = {name for name, _, _ in quantized_layers(model, qc)}
     if not names:
         raise QuantizeError("the checkpoint's quantization_config matches no layer of this model")
     remove_dispatch(model, onload_tensors=True)
-    converted = convert_linears(model, names, fused=fused)
-    if siblings:
-        fuse_siblings(model)
-    return converted
+    return convert_linears(model, names, fused=fused)
 
 
 def compile_language_model(model, **options) -> int:
