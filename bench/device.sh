@@ -5,6 +5,8 @@
 #   bash bench/device.sh vision eval          # one GPU
 #   bash bench/device.sh fp8
 #   bash bench/device.sh train-lora           # one GPU
+#   bash bench/device.sh train-full1          # one GPU: full fine-tuning under an 80 GB cap
+#   bash bench/device.sh data-wait            # one GPU: loader wait per LoRA step on real synthetic videos
 #   bash bench/device.sh train-fsdp           # all visible GPUs (torchrun)
 #   bash bench/device.sh demo-sweep           # make-demo learnability grid, many tiny runs sharing the GPU
 #
@@ -45,8 +47,12 @@ for bench in "$@"; do
     fp8) run fp8_eval 420 python3 bench/fp8_eval.py --repeats 3 --workdir /tmp/fp8bench --out "$OUT/fp8_eval.json" --rows scaled-mm,bf16,compressed-tensors ;;
     gpu-tests) run gpu_tests 140 python3 -m pytest -q -p no:cacheprovider tests/test_processing.py tests/test_model.py tests/test_fast_vision.py ;;
     train-lora) run train_lora 320 python3 bench/train_7b.py --iters 4 --warmup 1 --profile --out "$OUT/train_7b_lora.json" ;;
+    train-full1) run train_full_1gpu 330 python3 bench/train_7b.py --fsdp --iters 3 --warmup 1 --out "$OUT/train_7b_full_1gpu.json" ;;
     train-fsdp) run train_fsdp 260 torchrun --standalone --nproc-per-node "$NGPU" bench/train_7b.py --fsdp --iters 3 --warmup 1 --out "$OUT/train_7b_fsdp_${NGPU}gpu.json" ;;
     demo-sweep) run demo_sweep 570 taskset -c 0-13 python3 bench/demo_sweep.py --out /tmp/sweep --parallel 12 --device cuda --cpu-timing 14,15 --json "$OUT/demo_sweep.json" ;;
+    # the data path at LoRA speed: real synthetic videos through the frame cache and the trainer's loader
+    data-wait) run data_wait 270 env NGPU=1 SCENARIOS=6 SIZE=640x360 WORKERS=16 VARIANTS=per-question GLOBAL_BATCH=8 \
+      EXTRA_OVERRIDES="train.mode=lora data.num_workers=4" bash bench/recipe_scale.sh --max-steps 10 ;;
     recipe-dry) run recipe_scale 190 env SCENARIOS=6 SIZE=640x360 WORKERS=32 bash bench/recipe_scale.sh --max-steps 4 ;;
     *) echo "unknown bench: $bench"; exit 2 ;;
   esac

@@ -3,6 +3,9 @@
     .venv/bin/python bench/train_7b.py                            # one GPU: (a) vs (b); bench/results/train_7b.json
     torchrun --nproc-per-node 4 bench/train_7b.py                 # (c) FSDP2 full fine-tuning on 4 GPUs;
                                                                   #     bench/results/train_7b_fsdp4.json
+    .venv/bin/python bench/train_7b.py --fsdp                     # (d) full fine-tuning on ONE card, memory
+                                                                  #     capped at 79 GB (an 80 GB card);
+                                                                  #     bench/results/train_7b_full_1gpu.json
     .venv/bin/python bench/train_7b.py --tiny                     # CPU smoke test: tiny model, fp32, no JSON
 
 Model: `trafficvlm.model.config_7b()` with random weights. Sample: the recipe's setting A shape, 74 frames
@@ -28,6 +31,11 @@ torchrun, N GPUs, one sample per GPU
                      (bf16 compute, fp32 reduce), vision frozen, full-logits loss, AdamW;
       ours_full      our step: full fine-tuning, vision frozen;
       ours_full_vision  our step: full fine-tuning, vision tower trained too.
+one process, --fsdp
+  (d) full_1gpu_*    full fine-tuning of the LLM (vision frozen) on one card with
+                     `torch.cuda.set_per_process_memory_fraction` capping memory at --memory-cap-gb (79):
+                     bf16 master weights (stochastic rounding) or fp32, torchao AdamW8bit or AdamW, with and
+                     without activation checkpointing; a variant that does not fit records "out of memory".
 
 Memory: every variant builds the whole model on its GPU before sharding (fp32: 33 GB; fits an 80 GB card).
 
@@ -279,12 +287,25 @@ def row(name: str, seconds: float, tokens: int, n_params: int, k: int, info: Dis
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'variant':24} {'step s':>8} {'tok/s':>9} {'samples/s':>10} {'MFU':>7} {'peak GB':>8} {'vs base':>8}")
+    print(f"{'variant':32} {'step s':>8} {'tok/s':>9} {'samples/s':>10} {'MFU':>7} {'peak GB':>8} {'vs base':>8}")
     for r in rows:
+        if "error" in r:
+            print(f"{r['variant']:32} {r['error'][:100]} (cap {r['memory_cap_gb']} GB)")
+            continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "-"
-        print(f"{r['variant']:24} {r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {r['samples_per_s']:10.3f} "
+        print(f"{r['variant']:32} {r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {r['samples_per_s']:10.3f} "
               f"{mfu:>7} {mem:>8} {r['speedup_vs_baseline']:7.2f}x")
+
+
+# Full fine-tuning of the LLM (vision frozen) on ONE card: (name, train.* keys). fp32 master weights with
+# AdamW states need ~16 B per trainable parameter (122 GB for the 7.6B LLM): expected not to fit 80 GB.
+FULL_ONE_GPU = [("full_1gpu_bf16_adamw8bit", {"master_dtype": "bfloat16", "optimizer": "adamw8bit"}),
+                ("full_1gpu_bf16_adamw8bit_no_ckpt", {"master_dtype": "bfloat16", "optimizer": "adamw8bit",
+                                                      "grad_checkpointing": False}),
+                ("full_1gpu_bf16_adamw", {"master_dtype": "bfloat16", "optimizer": "adamw"}),
+                ("full_1gpu_fp32_adamw8bit", {"master_dtype": "float32", "optimizer": "adamw8bit"}),
+                ("full_1gpu_fp32_adamw", {"master_dtype": "float32", "optimizer": "adamw"})]
 
 
 def run(args, info: DistInfo):
@@ -310,7 +331,22 @@ def run(args, info: DistInfo):
             rows.append(row(name, seconds, batch["input_ids"].numel(), n_params, 4, info, base, samples=len(ids)))
             if kernels:
                 profiles[name] = kernels
-    else:
+    elif info.world_size == 1:  # --fsdp on one GPU: full fine-tuning of the LLM on one card, under a memory cap
+        base = None
+        for name, train in FULL_ONE_GPU:
+            free(info.device)
+            try:
+                seconds, _ = ours(*one, args, info, "full", freeze_vision=True, **train)
+            except Exception as exc:  # noqa: BLE001 - recorded in the JSON; the next variant runs
+                error = ("out of memory" if isinstance(exc, torch.OutOfMemoryError)
+                         else f"{type(exc).__name__}: {str(exc)[:300]}")
+                print(f"{name}: {error[:200]} (memory cap {args.memory_cap_gb} GB)")
+                rows.append({"variant": name, "error": error, "memory_cap_gb": args.memory_cap_gb,
+                             "peak_mem_gb": peak_gb(info.device), **train})
+                continue
+            rows.append({**row(name, seconds, len(sample), n_params, 6, info, None), **train,
+                         "memory_cap_gb": args.memory_cap_gb})
+    else:  # several GPUs
         base = hf_full_fsdp(sample, pre, args, info)
         rows.append(row("hf_full_fsdp", base, len(sample), n_params, 6, info, None))
         for name, freeze in (("ours_full", True), ("ours_full_vision", False)):
@@ -326,17 +362,24 @@ def main() -> int:
     p.add_argument("--fsdp", action="store_true", help="run the (c) variants even with one process")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="add one profiled ours_lora_no_ckpt step to the JSON")
+    p.add_argument("--memory-cap-gb", type=float, default=79.0,
+                   help="with --fsdp on one GPU: cap this process's GPU memory (an 80 GB card's usable share), "
+                        "so a variant that would not fit one runs out of memory here too")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", type=Path, help="JSON path (default bench/results/train_7b[_fsdpN].json)")
     args = p.parse_args()
     info = init_distributed("cpu" if args.tiny else "cuda")
+    if info.world_size == 1 and args.fsdp and info.device.type == "cuda":
+        total = torch.cuda.get_device_properties(info.device).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gb / total), info.device)
     try:
         rows, sample, profiles = run(args, info)
         if info.is_main:
             print_table(rows)
             out = args.out or (None if args.tiny else ROOT / "bench" / "results" /
                                ("train_7b.json" if info.world_size == 1 and not args.fsdp
-                                else f"train_7b_fsdp{info.world_size}.json"))
+                                else f"train_7b_fsdp{info.world_size}.json" if info.world_size > 1
+                               else "train_7b_full_1gpu.json"))
             if out:
                 write_json(out, rows, sample, info, args, profiles)
     finally:

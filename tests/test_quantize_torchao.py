@@ -128,7 +128,7 @@ def test_backend_choice_on_cpu_and_on_a_capable_gpu(fp8, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)          # an H100, as far as the check knows
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert q.choose_fp8_backend(qc, "cuda")[0] == q.FAST_FP8_BACKEND
+    assert q.choose_fp8_backend(qc, "cuda")[0] == q.FAST_FP8_BACKEND == "scaled-mm"
     assert q.choose_fp8_backend(qc, "cuda", "torchao")[0] == "torchao"
     assert q.choose_fp8_backend(qc, "cuda", "scaled-mm")[0] == "scaled-mm"
     block = json.loads(json.dumps(qc))
@@ -136,6 +136,8 @@ def test_backend_choice_on_cpu_and_on_a_capable_gpu(fp8, monkeypatch):
         group["weights"]["strategy"], group["input_activations"]["strategy"] = "block", "group"
     ok, why = q.fp8_kernel_ok(block, "cuda", "torchao")
     assert not ok and "per-channel weights and per-token activations" in why
+    chosen, why = q.choose_fp8_backend(block, "cuda")   # neither kernel takes block scales: emulated, both reasons
+    assert chosen == "emulate" and "scaled-mm route" in why and "vLLM" in why
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "A100")
     assert q.choose_fp8_backend(qc, "cuda")[0] == "emulate"

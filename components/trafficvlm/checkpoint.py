@@ -56,6 +56,12 @@ def latest(ckpt_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _number(value):
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    raise TypeError(f"{type(value).__name__} in the trainer state is not JSON serializable")
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -90,7 +96,8 @@ def save(ckpt_dir: str | Path, step: int, model, optimizer, *, state: dict[str, 
     torch.save(_rng_state(), tmp / f"rng_rank{info.rank}.pt")
     if info.is_main:
         payload = {"step": step, "world_size": info.world_size, **state}
-        (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+        # tensors as numbers: torchao's optimizers keep the learning rate (and so the scheduler's) as a tensor
+        (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2, default=_number) + "\n")
     barrier()
     if info.is_main:
         shutil.rmtree(final, ignore_errors=True)

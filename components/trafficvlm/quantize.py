@@ -38,9 +38,11 @@ if TYPE_CHECKING:
 
 SCHEMES = {"fp8-dynamic": "FP8_DYNAMIC", "fp8-block": "FP8_BLOCK"}
 FP8_BACKENDS = ("auto", "scaled-mm", "compressed-tensors", "torchao", "emulate")
-# The kernels backend="auto" runs on an FP8-capable GPU. bench/fp8_eval.py times both kernel backends
-# against bf16 on the 7B (docs/perf.md, "FP8"); this names the faster one there.
-FAST_FP8_BACKEND = "compressed-tensors"
+# The kernels backend="auto" runs on an FP8-capable GPU, in order of preference: bench/fp8_eval.py times the
+# kernel backends against bf16 on the 7B (docs/perf.md, "FP8"); scaled-mm was the fastest there (H200:
+# prefill 1.13x bf16, compressed-tensors 0.70x), compressed-tensors also takes per-tensor weight scales.
+FAST_FP8_BACKENDS = ("scaled-mm", "compressed-tensors")
+FAST_FP8_BACKEND = FAST_FP8_BACKENDS[0]
 TORCHAO_REQUIREMENT = "torchao==0.18.0"
 # Patterns for llm-compressor (both module spellings: the one it sees in memory and the checkpoint's).
 IGNORE_RULES = ("lm_head", "re:visual.*", "re:model.visual.*")
@@ -393,21 +395,26 @@ def fp8_kernel_ok(qc: dict[str, Any], device: str, backend: str = "compressed-te
 
 
 def choose_fp8_backend(qc: dict[str, Any], device: str, backend: str = "auto") -> tuple[str, str]:
-    """(the backend `load_quantized` runs, why): "auto" takes FAST_FP8_BACKEND where it can run and the
-    emulation elsewhere; a named kernel backend that cannot run here is an error, never a silent fallback."""
+    """(the backend `load_quantized` runs, why): "auto" takes the first of FAST_FP8_BACKENDS that can run
+    and the emulation where none can; a named kernel backend that cannot run here is an error, never a silent fallback."""
     if backend not in FP8_BACKENDS:
         raise ValueError(f"FP8 backend must be one of {', '.join(FP8_BACKENDS)}, got {backend!r}")
     if backend == "emulate":
         return "emulate", "FP8 kernels turned off by the caller"
     if backend == "torchao":
         _require_torchao()
-    wanted = FAST_FP8_BACKEND if backend == "auto" else backend
-    ok, why = fp8_kernel_ok(qc, device, wanted)
-    if ok:
-        return wanted, why
     if backend != "auto":
-        raise ValueError(f"FP8 backend {backend!r} requested but unavailable: {why}")
-    return "emulate", why
+        ok, why = fp8_kernel_ok(qc, device, backend)
+        if not ok:
+            raise ValueError(f"FP8 backend {backend!r} requested but unavailable: {why}")
+        return backend, why
+    reasons = []
+    for wanted in FAST_FP8_BACKENDS:
+        ok, why = fp8_kernel_ok(qc, device, wanted)
+        if ok:
+            return wanted, why
+        reasons.append(why)
+    return "emulate", reasons[0] if len(set(reasons)) == 1 else "; ".join(reasons)
 
 
 def _require_torchao() -> None:
@@ -433,7 +440,7 @@ def load_quantized(path: str | Path, device: str = "cpu", *, dtype: "torch.dtype
     - "emulate": weights dequantized at load time and the activations entering those layers rounded
       through FP8 as the scheme says (`emulate_fp8_activations`): the same W8A8 numerics, full-precision
       matmuls, no speed-up. What CPUs (and the CPU accuracy gate) run.
-    - "auto": FAST_FP8_BACKEND where it can run, else the emulation with a note saying why.
+    - "auto": the first of FAST_FP8_BACKENDS that can run, else the emulation with a note saying why.
     A named kernel backend that cannot run here raises. `compile=True` wraps the language model's
     FP8 blocks with torch.compile (`compile_language_model`); the first forward of each new shape
     compiles. vLLM is the serving path."""

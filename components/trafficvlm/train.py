@@ -91,20 +91,25 @@ def load_records(cfg: TrainConfig):
 # --- model ------------------------------------------------------------------------------------------------
 
 def build_model(cfg: TrainConfig, device: torch.device):
-    """fp32 master weights (FSDP computes in bf16 on GPU), loaded straight onto this rank's device (sharding
-    then frees all but its shard), then `prepare_model`."""
+    """Master weights in train.master_dtype (fp32 by default; FSDP computes in bf16 on GPU), loaded straight
+    onto this rank's device (sharding then frees all but its shard), then `prepare_model`."""
     from trafficvlm.model import load_model
 
     if cfg.model.random_init:
         return prepare_model(random_model(cfg, device), cfg)
-    model = load_model(cfg.model.path, dtype=torch.float32, device=str(device),
+    model = load_model(cfg.model.path, dtype=master_dtype(cfg), device=str(device),
                        attn_implementation=cfg.model.attn_implementation)
     return prepare_model(model, cfg)
 
 
+def master_dtype(cfg: TrainConfig) -> torch.dtype:
+    return getattr(torch, cfg.train.master_dtype)
+
+
 def random_model(cfg: TrainConfig, device: torch.device):
-    """`model.random_init = "7b" | "tiny"`: that architecture with random fp32 weights, built on this rank's
-    device (every rank the same, from the seed), with the vision attention `load_model` gives it on GPU."""
+    """`model.random_init = "7b" | "tiny"`: that architecture with random weights in train.master_dtype, built
+    on this rank's device (every rank the same, from the seed), with the vision attention `load_model` gives
+    it on GPU."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from trafficvlm.model import config_7b, config_tiny
@@ -112,7 +117,7 @@ def random_model(cfg: TrainConfig, device: torch.device):
     config = {"7b": config_7b, "tiny": config_tiny}[cfg.model.random_init]()
     config._attn_implementation = cfg.model.attn_implementation
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32)
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=master_dtype(cfg))
     if device.type == "cuda":
         from trafficvlm.fast_vision import enable_fast_vision
 
@@ -163,11 +168,21 @@ def block_classes(model) -> list[str]:
 
 
 def build_optimizer(model, cfg: TrainConfig, total_steps: int, use_cuda: bool):
-    """AdamW (no weight decay on biases and norms) and a warmup + cosine/linear/constant schedule."""
+    """AdamW (no weight decay on biases and norms) and a warmup + cosine/linear/constant schedule.
+
+    train.optimizer / train.master_dtype pick the implementation: torch's fused AdamW over fp32 weights,
+    or torchao's AdamW (8-bit moments for adamw8bit; stochastic rounding of bf16 weights for bfloat16)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), fused=use_cuda or None)
+    t = cfg.train
+    if t.optimizer == "adamw" and t.master_dtype == "float32":
+        opt = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), fused=use_cuda or None)
+    else:
+        from torchao.optim import AdamW8bit, _AdamW
+
+        cls = AdamW8bit if t.optimizer == "adamw8bit" else _AdamW
+        opt = cls(groups, lr=t.lr, betas=tuple(t.betas), bf16_stochastic_round=t.master_dtype == "bfloat16")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, total_steps))
     return opt, sched
 
@@ -439,7 +454,7 @@ def _loop(cfg, info, model, opt, sched, loader, plan, monitor, start, total, ckp
         except torch.OutOfMemoryError:
             raise RuntimeError(explain_oom(micro, cfg)) from None
         check_finite(stats, step, micro, info)
-        lr = opt.param_groups[0]["lr"]  # the rate this step uses; the scheduler moves it on in clip_and_step
+        lr = float(opt.param_groups[0]["lr"])  # this step's rate (torchao keeps a tensor); clip_and_step moves it on
         watchdog.phase("optimizer")
         stats.grad_norm = clip_and_step(model, opt, sched, cfg.train.max_grad_norm)
         monitor.step(step, stats, lr, time.perf_counter() - t0, data_s)
