@@ -34,7 +34,7 @@ torchrun, N GPUs, one sample per GPU
 one process, --fsdp
   (d) full_1gpu_*    full fine-tuning of the LLM (vision frozen) on one card with
                      `torch.cuda.set_per_process_memory_fraction` capping memory at --memory-cap-gb (79):
-                     bf16 master weights (stochastic rounding) or fp32, torchao AdamW8bit or AdamW, with and
+                     bf16 master weights (torchao AdamW, stochastic rounding) or fp32 (torch AdamW), with and
                      without activation checkpointing; a variant that does not fit records "out of memory".
 
 Memory: every variant builds the whole model on its GPU before sharding (fp32: 33 GB; fits an 80 GB card).
@@ -300,12 +300,9 @@ def print_table(rows: list[dict]) -> None:
 
 # Full fine-tuning of the LLM (vision frozen) on ONE card: (name, train.* keys). fp32 master weights with
 # AdamW states need ~16 B per trainable parameter (122 GB for the 7.6B LLM): expected not to fit 80 GB.
-FULL_ONE_GPU = [("full_1gpu_bf16_adamw8bit", {"master_dtype": "bfloat16", "optimizer": "adamw8bit"}),
-                ("full_1gpu_bf16_adamw8bit_no_ckpt", {"master_dtype": "bfloat16", "optimizer": "adamw8bit",
-                                                      "grad_checkpointing": False}),
-                ("full_1gpu_bf16_adamw", {"master_dtype": "bfloat16", "optimizer": "adamw"}),
-                ("full_1gpu_fp32_adamw8bit", {"master_dtype": "float32", "optimizer": "adamw8bit"}),
-                ("full_1gpu_fp32_adamw", {"master_dtype": "float32", "optimizer": "adamw"})]
+FULL_ONE_GPU = [("full_1gpu_bf16", {"master_dtype": "bfloat16"}),
+                ("full_1gpu_bf16_no_ckpt", {"master_dtype": "bfloat16", "grad_checkpointing": False}),
+                ("full_1gpu_fp32", {"master_dtype": "float32"})]
 
 
 def run(args, info: DistInfo):

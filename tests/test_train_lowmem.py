@@ -1,4 +1,4 @@
-"""Full fine-tuning in less memory (train.master_dtype / train.optimizer, docs/training.md): bf16 master
+"""Full fine-tuning in less memory (train.master_dtype, docs/training.md): bf16 master
 weights updated by torchao's AdamW with stochastic rounding train the tiny model, keep their dtype, log the
 loader wait, and resume from a checkpoint to the weights of an uninterrupted run; a bad choice is refused."""
 
@@ -60,8 +60,8 @@ def test_bf16_master_weights_train_and_resume_exactly(env, tmp_path):
     assert apart < 0.1 * moved, (apart, moved)
 
 
-def test_unknown_optimizer_is_refused():
+def test_an_unknown_master_dtype_is_refused():
     from trafficvlm.config import ConfigError, load_train_config
 
-    with pytest.raises((ConfigError, ValueError), match="optimizer must be one of"):
-        load_train_config(TINY_CONFIG, ["train.optimizer=sgd"])
+    with pytest.raises((ConfigError, ValueError), match="master_dtype must be one of"):
+        load_train_config(TINY_CONFIG, ["train.master_dtype=float16"])

@@ -170,19 +170,18 @@ def block_classes(model) -> list[str]:
 def build_optimizer(model, cfg: TrainConfig, total_steps: int, use_cuda: bool):
     """AdamW (no weight decay on biases and norms) and a warmup + cosine/linear/constant schedule.
 
-    train.optimizer / train.master_dtype pick the implementation: torch's fused AdamW over fp32 weights,
-    or torchao's AdamW (8-bit moments for adamw8bit; stochastic rounding of bf16 weights for bfloat16)."""
+    train.master_dtype float32: torch's fused AdamW; bfloat16: torchao's AdamW with stochastic rounding of
+    the bf16 weights (its moments follow the weights' dtype)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     t = cfg.train
-    if t.optimizer == "adamw" and t.master_dtype == "float32":
+    if t.master_dtype == "float32":
         opt = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), fused=use_cuda or None)
     else:
-        from torchao.optim import AdamW8bit, _AdamW
+        from torchao.optim import _AdamW
 
-        cls = AdamW8bit if t.optimizer == "adamw8bit" else _AdamW
-        opt = cls(groups, lr=t.lr, betas=tuple(t.betas), bf16_stochastic_round=t.master_dtype == "bfloat16")
+        opt = _AdamW(groups, lr=t.lr, betas=tuple(t.betas), bf16_stochastic_round=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, total_steps))
     return opt, sched
 
