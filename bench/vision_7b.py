@@ -16,7 +16,8 @@ weights and input:
 - `sdpa_batched`       : linear patch embed and one SDPA per layer (equal segments reshaped; windows
                          padded to 64 with a key mask);
 - `flex`               : linear patch embed, one compiled flex_attention per window layer (block mask);
-- `*+compile`          : the same with every vision block wrapped in torch.compile.
+- `*+compile`          : the same with every vision block's forward compiled (`fast_vision.compile_vision_blocks`);
+                         `sdpa_batched+compile` is what train (frozen tower), eval and serve run on CUDA.
 
 Each variant is warmed up, then timed with CUDA events (median of `--iters`); its pooled output (and, with
 `--backward`, its input gradient) is compared to `hf` by relative L2 error, which must stay below 1e-2 in
@@ -156,9 +157,8 @@ def measure(tower, name, backend, linear, compile_blocks, *, pixels, grid, args,
     fast_vision.disable_fast_vision(tower)
     if backend is not None:
         fast_vision.enable_fast_vision(tower, backend=backend, linear_patch_embed=linear)
-    if compile_blocks and getattr(tower.blocks[0], "_compiled_call_impl", None) is None:
-        for block in tower.blocks:
-            block.compile()
+    if compile_blocks:
+        fast_vision.compile_vision_blocks(tower)  # what load_model + eval/serve/frozen-tower training run
     try:
         ms, result = run_variant(tower, pixels, grid, backward=args.backward, warmup=args.warmup,
                                  iters=args.iters, timed=timed)
