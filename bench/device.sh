@@ -44,7 +44,6 @@ for bench in "$@"; do
     eval) run eval_shared_prefix 270 python3 bench/eval_shared_prefix.py --profile --out "$OUT/eval_shared_prefix.json" ;;
     # the emulated row (CPU gate numerics) and the torchao rows (slower; compiled fails in Dynamo) are
     # in earlier JSONs; the JSON is rewritten after every row, so a row past the limit loses only itself
-    eval-fp32) run eval_shared_prefix_fp32 240 python3 bench/eval_shared_prefix.py --dtype float32 --out "$OUT/eval_shared_prefix_fp32.json" ;;
     fp8) run fp8_eval 420 python3 bench/fp8_eval.py --repeats 3 --workdir /tmp/fp8bench --out "$OUT/fp8_eval.json" --rows scaled-mm,bf16,compressed-tensors ;;
     gpu-tests) run gpu_tests 140 python3 -m pytest -q -p no:cacheprovider tests/test_processing.py tests/test_model.py tests/test_fast_vision.py ;;
     train-lora) run train_lora 320 python3 bench/train_7b.py --iters 4 --warmup 1 --profile --out "$OUT/train_7b_lora.json" ;;
