@@ -63,10 +63,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "components"))
 
 from trafficvlm.config import TrainConfig, VideoSpec, from_dict  # noqa: E402
-from trafficvlm.parallel import DistInfo, close_distributed, init_distributed, shard_model  # noqa: E402
+from trafficvlm.parallel import DistInfo, close_distributed, init_distributed  # noqa: E402
 from trafficvlm.processing import collate_packed, collate_padded  # noqa: E402
 from trafficvlm.train import (build_optimizer, clip_and_step, prepare_model, random_model, train_step,  # noqa: E402
                              wrap_model)
+
+from questions import QUESTIONS  # noqa: E402  (bench/questions.py; the first is the one-sample row's)
 
 PEAK = 989e12
 RECIPE = dict(frames=74, height=196, width=364, grid=(37, 14, 26))
@@ -74,28 +76,6 @@ TINY = dict(frames=8, height=56, width=84, grid=(4, 4, 6))
 
 
 # --- inputs -----------------------------------------------------------------------------------------------
-
-# 15 WTS-environment-style questions about one clip (shared-prefix rows); the first is the one-sample row's
-QUESTIONS = [
-    ("What is the weather in the scene?", ["Clear", "Cloudy", "Rainy", "Snowy"]),
-    ("What is the brightness level in the scene?", ["Bright", "Dim", "Dark"]),
-    ("What are road surface conditions?", ["Dry", "Wet"]),
-    ("What is the road inclination in the scene?", ["Steep downhill", "Level", "Gentle downhill", "Steep uphill"]),
-    ("How many lanes are there?", ["One-way", "Two-way", "Three-way"]),
-    ("What is the formation of the road?", ["Single road (right curve)", "Single road (straight line)",
-                                            "Intersection (without signal)", "Intersection (with signal)"]),
-    ("Where is the sidewalk in the scene?", ["Both sides", "Not both sides", "Only on the left", "Only on the right"]),
-    ("Are there street lights in the scene?", ["Yes", "No"]),
-    ("What is the volume of the traffic in the scene?", ["Light", "Moderate", "Heavy"]),
-    ("What is surface type of the road?", ["Asphalt", "Gravel", "Concrete"]),
-    ("What is the type of the road?", ["Main road", "Residential road", "Parking lot"]),
-    ("Where is the roadside strip in the scene?", ["Both sides", "Not both sides", "Only on the left",
-                                                    "Only on the right"]),
-    ("What is the age group of the pedestrian?", ["Child", "Young", "Adult", "Elderly"]),
-    ("Is the pedestrian wearing a hat?", ["Yes", "No"]),
-    ("Is the pedestrian wearing glasses?", ["Yes", "No"]),
-]
-
 
 def make_samples(shape: dict, n: int = 1):
     """n real training Samples (our prompt, labels, positions), different questions about one clip of
