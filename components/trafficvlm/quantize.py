@@ -513,13 +513,9 @@ def to_torchao_float8(model, qc: dict[str, Any]) -> list[str]:
     compressed-tensors leaves its offloading wrappers and a fake-quantizing `forward` on the dequantized
     layers; they are removed here, since torchao quantizes the activations itself (and a tensor subclass
     weight must not pass through those wrappers)."""
-    from compressed_tensors.offload import remove_dispatch
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8Tensor, PerRow, quantize_
 
-    names = {name for name, _, _ in quantized_layers(model, qc)}
-    if not names:
-        raise QuantizeError("the checkpoint's quantization_config matches no layer of this model")
-    remove_dispatch(model, onload_tensors=True)
+    names = _plain_quantized_layers(model, qc)
     for name in names:
         model.get_submodule(name).__dict__.pop("forward", None)  # back to the class's own Linear.forward
     # set_inductor_config=False: torchao would otherwise switch on process-wide inductor autotuning
@@ -538,15 +534,21 @@ def to_fp8_rowwise(model, qc: dict[str, Any], fused: bool = True) -> list[str]:
     """Turn exactly the Linear layers `qc` quantized into `trafficvlm.fp8_linear.Fp8RowwiseLinear` (the same
     FP8 codes and per-row scales: see `to_torchao_float8` for why re-quantizing reproduces them). `model`
     must be the dequantized bf16 load of the checkpoint. Returns the converted layer names."""
-    from compressed_tensors.offload import remove_dispatch
-
     from trafficvlm.fp8_linear import convert_linears
+
+    return convert_linears(model, _plain_quantized_layers(model, qc), fused=fused)
+
+
+def _plain_quantized_layers(model, qc: dict[str, Any]) -> set[str]:
+    """The names of the layers `qc` quantizes, with compressed-tensors' offloading wrappers removed from
+    `model` (the FP8 routes replace or re-quantize those layers themselves)."""
+    from compressed_tensors.offload import remove_dispatch
 
     names = {name for name, _, _ in quantized_layers(model, qc)}
     if not names:
         raise QuantizeError("the checkpoint's quantization_config matches no layer of this model")
     remove_dispatch(model, onload_tensors=True)
-    return convert_linears(model, names, fused=fused)
+    return names
 
 
 def compile_language_model(model, **options) -> int:
