@@ -223,12 +223,13 @@ def _common_prefix(samples: Sequence[Any]) -> int:
     return min([p, *(f - 1 for f in first_labels)])
 
 
-def branch_mask(prefix: int, spans: list[tuple[int, int]], length: int) -> torch.Tensor:
-    """Bool [1, 1, L, L] attention mask (True = may attend): causal in the prefix; each branch (start,
-    length) sees the whole prefix and itself causally, never another branch."""
-    allowed = torch.zeros(length, length, dtype=torch.bool)
+def branch_mask(prefix: int, spans: list[tuple[int, int]], length: int, first_row: int = 0) -> torch.Tensor:
+    """Bool [1, 1, L - first_row, L] attention mask (True = may attend): causal in the prefix; each branch
+    (start, length) sees the whole prefix and itself causally, never another branch. `first_row` keeps
+    only the query rows from there on (eval's branches on a cached prefix: first_row = prefix)."""
+    allowed = torch.zeros(length - first_row, length, dtype=torch.bool)
     allowed[:, :prefix] = True
     for start, n in spans:
-        allowed[start:start + n, start:start + n] = True
-    return (allowed & torch.ones(length, length, dtype=torch.bool).tril())[None, None]
-
+        allowed[max(start - first_row, 0):start + n - first_row, start:start + n] = True
+    causal = torch.ones(length - first_row, length, dtype=torch.bool).tril(diagonal=first_row)
+    return (allowed & causal)[None, None]

@@ -96,20 +96,17 @@ class Branches:
 
 
 def branch_row(prefix_len: int, suffixes: list[tuple["torch.Tensor", "torch.Tensor"]]) -> Branches:
-    """The row and mask for suffixes that each see the prefix and themselves only (the rows of
-    `data.branch_mask` for the branch tokens, built without the prefix's own L x L part)."""
+    """The row and mask for suffixes that each see the prefix and themselves only: the branch tokens'
+    rows of `data.branch_mask`, the mask shared-prefix training uses."""
     import torch
 
-    lengths = [len(ids) for ids, _ in suffixes]
-    n = sum(lengths)
-    mask = torch.zeros(n, prefix_len + n, dtype=torch.bool)
-    mask[:, :prefix_len] = True
-    start = 0
-    for k in lengths:
-        mask[start:start + k, prefix_len + start:prefix_len + start + k] = torch.ones(k, k, dtype=torch.bool).tril()
-        start += k
+    from trafficvlm.data import branch_mask
+
+    lengths = torch.tensor([len(ids) for ids, _ in suffixes])
+    ends = prefix_len + lengths.cumsum(0)
+    spans = [(int(end) - int(n), int(n)) for end, n in zip(ends, lengths)]
     return Branches(torch.cat([ids for ids, _ in suffixes])[None], torch.cat([pos for _, pos in suffixes], dim=1)[:, None],
-                    mask[None, None], torch.tensor(lengths).cumsum(0) - 1)
+                    branch_mask(prefix_len, spans, int(ends[-1]), first_row=prefix_len), ends - prefix_len - 1)
 
 
 @dataclass
@@ -153,9 +150,23 @@ def letter_answer(logits: "torch.Tensor", options: dict[str, str], letter_ids: d
     return Answer(best, dict(zip(letters, probs)), best.upper())
 
 
-# --- the local engine -------------------------------------------------------------------------------------
+# --- the engines -------------------------------------------------------------------------------------------
 
-class LocalEngine:
+class Engine:
+    """What the eval loop calls. `prepare` is the CPU work that may run ahead in a thread while
+    `score_prepared` runs earlier groups; engines with nothing to prepare pass the groups through."""
+
+    def score(self, groups: Sequence[Group]) -> list[list[Answer]]:
+        raise NotImplementedError
+
+    def prepare(self, groups: Sequence[Group]) -> list:
+        return list(groups)
+
+    def score_prepared(self, prepared: Sequence) -> list[list[Answer]]:
+        return self.score(prepared)
+
+
+class LocalEngine(Engine):
     """Scores with a transformers Qwen2.5-VL model in this process, passing our 3-D positions everywhere.
 
     `mode`: "letter" or "generate". `shared_prefix`: one prefill per clip (see the module docstring);
@@ -246,14 +257,15 @@ class LocalEngine:
         _, cache = self._forward(p.prefix.input_ids[None], p.prefix.position_ids[:, None], None,
                                  cache=None, vision=vision)
         answers: list[Answer] = []
-        for start, chunk in zip(range(0, len(p.suffixes), self.question_batch), p.branches):
-            answers += self._branches(cache, chunk, p.records[start:start + self.question_batch])
-            cache.crop(-chunk.input_ids.shape[1])  # back to the prefix: the next chunk must not see these
-        if not self.branches:
-            for start in range(0, len(p.suffixes), self.question_batch):
-                chunk = p.suffixes[start:start + self.question_batch]
-                answers += self._continue(cache, split, p.records[start:start + len(chunk)],
-                                          [(s.input_ids, s.position_ids) for s in chunk])
+        for k, start in enumerate(range(0, len(p.suffixes), self.question_batch)):
+            records = p.records[start:start + self.question_batch]
+            if self.branches:
+                chunk = p.branches[k]
+                answers += self._branches(cache, chunk, records)
+                cache.crop(-chunk.input_ids.shape[1])  # back to the prefix: the next chunk must not see these
+            else:
+                answers += self._continue(cache, split, records, [(s.input_ids, s.position_ids)
+                                                                  for s in p.suffixes[start:start + len(records)]])
         return answers
 
     def _branches(self, cache, chunk: "Branches", records: list[VideoQARecord]) -> list[Answer]:
@@ -425,7 +437,7 @@ def _regroup(flat: list[Answer], groups: Sequence[Group]) -> list[list[Answer]]:
 
 # --- the OpenAI-compatible engine -------------------------------------------------------------------------
 
-class OpenAIEngine:
+class OpenAIEngine(Engine):
     """The same questions through any OpenAI-compatible `/v1/chat/completions` (vLLM, NIM, `trafficvlm
     serve`). The clip file travels as a `video_url` part (`data:video/mp4;base64,...`, or `file://` when
     the server was started with `--allowed-local-media-path`), the bundle's video spec in vLLM's extra body
@@ -502,7 +514,7 @@ def api_key_from_env(var: str | None) -> str | None:
 
 # --- the majority baseline --------------------------------------------------------------------------------
 
-class MajorityEngine:
+class MajorityEngine(Engine):
     """Predicts the most frequent correct letter per question text, learned from `train` records (or the
     evaluation records themselves; the caller records which). Unseen question texts get the overall most
     frequent letter; ties go to the earlier letter. `letter_probs` is the learned frequency."""

@@ -193,13 +193,12 @@ def _score_all(cfg: EvalConfig, res: Resolved, records, out: Path, rank: int, wo
 
     def load(part):  # CPU: decode (or read cached) frames, then the engine's own preparation
         batch = _load_clips(cfg, res, part, engine, skipped)
-        return part, batch, (engine.prepare(batch) if hasattr(engine, "prepare") else batch)
+        return part, batch, engine.prepare(batch)
 
     with path.open("a", encoding="utf-8") as sink, bar:
         for part, batch, prepared in _prefetched(load, slices):
             if batch:
-                scored = engine.score_prepared(prepared) if hasattr(engine, "prepare") else engine.score(batch)
-                for (records_, _), answers in zip(batch, scored):
+                for (records_, _), answers in zip(batch, engine.score_prepared(prepared)):
                     _append(sink, records_, answers)
             bar.update(sum(len(recs) for _, recs in part))
     return skipped
