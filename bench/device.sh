@@ -41,11 +41,13 @@ run() {  # name, seconds, command...
 for bench in "$@"; do
   case $bench in
     vision) run vision_7b 180 python3 bench/vision_7b.py --out "$OUT/vision_7b.json" ;;
-    eval) run eval_shared_prefix 270 python3 bench/eval_shared_prefix.py --profile --out "$OUT/eval_shared_prefix.json" ;;
+    eval) run eval_shared_prefix 420 python3 bench/eval_shared_prefix.py --profile --out "$OUT/eval_shared_prefix.json" ;;
+    eval-quick) run eval_shared_prefix 360 python3 bench/eval_shared_prefix.py --quick --profile --out "$OUT/eval_shared_prefix.json" ;;
     # the emulated row (CPU gate numerics) and the torchao rows (slower; compiled fails in Dynamo) are
     # in earlier JSONs; the JSON is rewritten after every row, so a row past the limit loses only itself
     fp8) run fp8_eval 420 python3 bench/fp8_eval.py --repeats 3 --workdir /tmp/fp8bench --out "$OUT/fp8_eval.json" --rows scaled-mm,bf16,compressed-tensors ;;
-    gpu-tests) run gpu_tests 140 python3 -m pytest -q -p no:cacheprovider tests/test_processing.py tests/test_model.py tests/test_fast_vision.py ;;
+    fp8-quick) run fp8_eval 450 python3 bench/fp8_eval.py --repeats 3 --workdir /tmp/fp8bench --out "$OUT/fp8_eval.json" --rows bf16,scaled-mm,scaled-mm-hf-text ;;
+    gpu-tests) run gpu_tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_processing.py tests/test_model.py tests/test_fast_vision.py tests/test_fast_text.py ;;
     train-lora) run train_lora 320 python3 bench/train_7b.py --iters 4 --warmup 1 --profile --out "$OUT/train_7b_lora.json" ;;
     train-full1) run train_full_1gpu 330 python3 bench/train_7b.py --fsdp --iters 3 --warmup 1 --out "$OUT/train_7b_full_1gpu.json" ;;
     train-fsdp) run train_fsdp 260 torchrun --standalone --nproc-per-node "$NGPU" bench/train_7b.py --fsdp --iters 3 --warmup 1 --out "$OUT/train_7b_fsdp_${NGPU}gpu.json" ;;

@@ -15,6 +15,9 @@ questions. The engines score the same questions:
   each with the HF vision tower, with `trafficvlm.fast_vision` (one attention call per vision layer) and
   with compiled vision blocks (`compile_vision=True`, the default on CUDA; these rows come last, since
   compiling wraps the blocks in place);
+  * the language model through transformers' forward (`fast_text=False`, the earlier rows), or through
+    `trafficvlm.fast_text.TextRunner` (our decoder loop over a preallocated KV buffer), eager or with its
+    layer step compiled (the default on CUDA);
 - prefetched: as `trafficvlm eval` runs it, the next clip prepared on the CPU in a thread while the GPU
   scores the current one (`stages.evaluate._prefetched`);
 - `--per-question-rows`: our per-question engine and one padded batch of 15 (slow; in earlier JSONs).
@@ -149,8 +152,7 @@ def breakdown(engine, recs, clip: Clip, repeats: int = 3, kernels: bool = True) 
             events[0].record()
             engine.model.model.get_video_features(vision["pixel_values_videos"], vision["video_grid_thw"])
             events[1].record()
-            _, cache = engine._forward(p.prefix.input_ids[None], p.prefix.position_ids[:, None], None, cache=None,
-                                       vision=vision)
+            cache = engine._prefix(p)  # uploads the pixels again: pinned, async, ~1 ms
             events[2].record()
             engine._branches(cache, p.branches[0], recs)
             events[3].record()
@@ -160,6 +162,18 @@ def breakdown(engine, recs, clip: Clip, repeats: int = 3, kernels: bool = True) 
                     parts[name].append(a.elapsed_time(b))
     out = {name: statistics.median(v) for name, v in parts.items()}
     out["LLM prefix (prefix - vision)"] = out["prefix (vision + LLM)"] - out["vision"]
+    with torch.inference_mode():
+        cache = engine._prefix(p)
+        torch.cuda.synchronize()
+    # the branches' own kernel time (a gap between it and "branches" above is host-side time)
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine._branches(cache, p.branches[0], recs)
+        torch.cuda.synchronize()
+    branch_kernels = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+    out["branches, CUDA kernel time"] = sum(e.self_device_time_total for e in branch_kernels) / 1e3
+    print("top kernels of the branches alone:")
+    for e in branch_kernels[:12]:
+        print(f"  {e.self_device_time_total / 1e3:9.2f} ms {e.count:6d}x  {e.key[:100]}")
     if not kernels:
         print("GPU ms per clip: " + ", ".join(f"{k} {v:.1f}" for k, v in out.items()))
         return {"ms": out}
@@ -221,6 +235,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="float32 shows the engines agree up to rounding (bf16 reorders sums per batch shape)")
     parser.add_argument("--no-compile-vision", action="store_true", help="skip the compiled-vision rows")
+    parser.add_argument("--quick", action="store_true",
+                        help="skip the fast-vision-without-compile rows (the history rows; saves ~1 min)")
     parser.add_argument("--profile", action="store_true",
                         help="after the rows: per-part GPU times and top kernels of the default engine")
     parser.add_argument("--per-question-rows", action="store_true",
@@ -246,15 +262,17 @@ def main() -> None:
     clip = clips[0]
     from trafficvlm.fast_vision import enable_fast_vision, vision_compiled
 
-    # Every LocalEngine row sets compile_vision explicitly: the engine's default compiles on CUDA.
-    eager = dict(shared_prefix=True, question_batch=16, compile_vision=False)
+    # Every LocalEngine row sets compile_vision and fast_text explicitly: the engine's defaults compile on CUDA.
+    eager = dict(shared_prefix=True, question_batch=16, compile_vision=False, fast_text=False)
     expanded = {**eager, "branches": False}
+    compiled = {**eager, "compile_vision": True}
     # name: (fast-vision backend or None for HF, LocalEngine kwargs or None for plain, prefetch)
     setups = {"plain transformers (per question)": (None, None, False),
               "shared prefix, expanded cache": (None, expanded, False),
-              "shared prefix, branches": (None, eager, False),
-              "branches + fast vision (sdpa)": ("sdpa_batched", eager, False),
-              "expanded cache + fast vision (sdpa)": ("sdpa_batched", expanded, False)}
+              "shared prefix, branches": (None, eager, False)}
+    if not args.quick:
+        setups["branches + fast vision (sdpa)"] = ("sdpa_batched", eager, False)
+        setups["expanded cache + fast vision (sdpa)"] = ("sdpa_batched", expanded, False)
     if args.per_question_rows:
         setups["baseline (per question)"] = (None, dict(shared_prefix=False, question_batch=1,
                                                         compile_vision=False), False)
@@ -263,11 +281,19 @@ def main() -> None:
     if not args.no_compile_vision:  # last: compiling wraps the vision blocks in place
         setups["per question + compiled vision"] = ("sdpa_batched", dict(shared_prefix=False, question_batch=1,
                                                                           compile_vision=True), False)
-        setups["expanded cache + compiled vision, prefetched"] = ("sdpa_batched", {**expanded, "compile_vision": True},
-                                                                 True)
-        setups["branches + compiled vision (default)"] = ("sdpa_batched", {**eager, "compile_vision": True}, False)
-        setups["branches + compiled vision, prefetched (trafficvlm eval)"] = \
-            ("sdpa_batched", {**eager, "compile_vision": True}, True)
+        if not args.quick:
+            setups["expanded cache + compiled vision, prefetched"] = ("sdpa_batched", {**expanded, "compile_vision": True},
+                                                                     True)
+        setups["branches + compiled vision, transformers' text forward"] = ("sdpa_batched", compiled, False)
+        setups["branches + compiled vision, transformers' text forward, prefetched"] = ("sdpa_batched", compiled, True)
+        if not args.quick:
+            setups["branches + compiled vision + fast_text eager"] = \
+                ("sdpa_batched", {**compiled, "fast_text": True, "compile_text": False}, False)
+        setups["branches + compiled vision + compiled fast_text, no CUDA graphs"] = \
+            ("sdpa_batched", {**compiled, "fast_text": True, "text_graphs": False}, False)
+        setups["branches + compiled vision + compiled fast_text + CUDA graphs (default)"] = \
+            ("sdpa_batched", {**compiled, "fast_text": True}, False)
+        setups["default, prefetched (trafficvlm eval)"] = ("sdpa_batched", {**compiled, "fast_text": True}, True)
     rows = {}
     for name, (vision, kw, prefetch) in setups.items():
         if vision_compiled(model) and vision is None:

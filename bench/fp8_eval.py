@@ -136,15 +136,16 @@ def workload():
     return records, clip, p
 
 
-def probes(model, processor, records, clip, device: str) -> tuple[dict[str, Callable[[], Any]], int]:
-    """The three timed calls of one model (vision tower, prefill, shared-prefix eval) and the prompt length."""
+def probes(model, processor, records, clip, device: str, **engine_kw) -> tuple[dict[str, Callable[[], Any]], int]:
+    """The timed calls of one model (vision tower, prefill, shared-prefix eval, the eval loop) and the prompt
+    length; `engine_kw` go to the LocalEngine."""
     import torch
 
     from trafficvlm.config import SETTING_A, SYSTEM_PROMPT
     from trafficvlm.evaluate import LocalEngine
 
     engine = LocalEngine(model, processor, SETTING_A, SYSTEM_PROMPT, mode="letter", shared_prefix=True,
-                         question_batch=16)
+                         question_batch=16, **engine_kw)
     sample = engine.pre.encode(records[0], clip, with_answer=False)
     inputs = dict(input_ids=sample.input_ids[None].to(device), position_ids=sample.position_ids[:, None].to(device),
                   pixel_values_videos=sample.pixel_values_videos.to(device, engine.dtype),
@@ -228,8 +229,10 @@ def parity(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 # --- main -------------------------------------------------------------------------------------------------
 
-# --rows ids -> (row name, backend for load_quantized, compile); "bf16" loads the source instead
+# --rows ids -> (row name, backend for load_quantized, compile[, LocalEngine kwargs]); "bf16*" load the source
 ROWS = {"bf16": ("bf16", None, False),
+        "bf16-hf-text": ("bf16, transformers' text forward", None, False, {"fast_text": False}),
+        "scaled-mm-hf-text": ("fp8 (scaled_mm), transformers' text forward", "scaled-mm", False, {"fast_text": False}),
         "compressed-tensors": ("fp8 (compressed-tensors kernels)", "compressed-tensors", False),
         "scaled-mm": ("fp8 (trafficvlm scaled_mm, fused quant)", "scaled-mm", False),
         "torchao": ("fp8 (torchao float8, eager)", "torchao", False),
@@ -238,12 +241,12 @@ ROWS = {"bf16": ("bf16", None, False),
         "emulated": ("fp8 (emulated, as the CPU gate)", "emulate", False)}
 # parity pairs (row id, reference row id), computed where both rows ran
 PAIRS = [(r, "bf16") for r in ROWS if r != "bf16"] + \
-        [(r, "compressed-tensors") for r in ROWS if r not in ("bf16", "compressed-tensors")]
+        [(r, "compressed-tensors") for r in ROWS if r not in ("bf16", "bf16-hf-text", "compressed-tensors")]
 
 
 def row_name(row: str, device: str) -> str:
     # on CPU the compressed-tensors rows run the loader default, which is the emulation: say so
-    name, backend, _ = ROWS[row]
+    name, backend = ROWS[row][:2]
     if backend == "compressed-tensors" and not device.startswith("cuda"):
         return f"{name} [CPU: loader default, emulated]"
     return name
@@ -259,10 +262,10 @@ def load_row(row: str, src: Path, fp8: Path, device: str):
 
     from trafficvlm.fast_vision import compile_vision_blocks, enable_fast_vision
 
-    if row == "bf16":
+    if ROWS[row][1] is None:
         model = load_model(src, dtype=torch.bfloat16, device=device)
     else:
-        _, backend, compile_ = ROWS[row]
+        _, backend, compile_ = ROWS[row][:3]
         # on CPU the compressed-tensors rows run the loader default (the emulation); on a GPU they insist
         if backend == "compressed-tensors" and not device.startswith("cuda"):
             backend = "auto"
@@ -304,9 +307,11 @@ def run_row(row: str, args, src: Path, fp8: Path, workload_) -> dict[str, Any]:
     model = fns = None
     try:
         model = load_row(row, src, fp8, args.device).eval()
-        fns, tokens = probes(model, processor, records, clip, args.device)
-        # scaled-mm compiles its activation quantization on the first call: warm up too, untimed
-        compiled = warm_up(fns) if ROWS[row][2] or ROWS[row][1] == "scaled-mm" else {}
+        engine_kw = ROWS[row][3] if len(ROWS[row]) > 3 else {}
+        fns, tokens = probes(model, processor, records, clip, args.device, **engine_kw)
+        # compiled rows, scaled-mm's activation quantization and the engine's compiled text step (CUDA)
+        # compile on their first calls: warm up untimed
+        compiled = warm_up(fns) if ROWS[row][2] or ROWS[row][1] == "scaled-mm" or args.device.startswith("cuda") else {}
         return {**measure(row_name(row, args.device), fns, tokens, len(records), args.repeats, args.device), **compiled}
     except Exception as exc:  # noqa: BLE001 - recorded in the JSON, the next row runs
         traceback.print_exc()

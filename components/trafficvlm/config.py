@@ -499,6 +499,7 @@ class EvalConfig:
     device: str = "auto"             # auto | cpu | cuda
     max_length: int | None = None    # longer prompts are an error naming the record
     compile_vision: bool = True      # torch.compile each vision block on CUDA (ignored on CPU)
+    compile_text: bool = True        # torch.compile the language model's decoder step for letter scoring (CUDA)
     frame_cache: str | None = None   # directory; None = the shared default ($TRAFFICVLM_CACHE)
     tracking: TrackingSection = field(default_factory=lambda: TrackingSection(run_name="eval"))
 

@@ -42,7 +42,10 @@ runs the current one (`stages/evaluate.py` does):
 
 `compile_vision=True` (the default) wraps each vision block in torch.compile on CUDA (the 7B tower 7x
 faster than transformers' on an H100, docs/perf.md; the first clip of each new grid shape pays the compile);
-it does nothing on CPU, where compiling costs minutes and gains little.
+it does nothing on CPU, where compiling costs minutes and gains little. Letter mode's prefix and branches
+run on `fast_text.TextRunner`: transformers' modules and weights, our decoder loop over a preallocated KV
+buffer, one compiled step shared by every layer on CUDA (`compile_text`), so ~700 branch tokens are no
+longer bound by Python-side work per layer.
 """
 
 from __future__ import annotations
@@ -173,12 +176,16 @@ class LocalEngine(Engine):
     without it, letter mode runs right-padded batches of up to `question_batch` questions across clips,
     and generate mode one question at a time. `blind=True` removes the video from the prompt (baseline).
     `branches=False` runs letter mode's suffixes on expanded copies of the prefix cache instead of as
-    masked branches of one row (the former path; kept for the benchmark and as a cross-check)."""
+    masked branches of one row (the former path; kept for the benchmark and as a cross-check).
+    Letter branches run on `fast_text.TextRunner` (our decoder loop over a preallocated KV buffer, compiled
+    and the branch pass replayed as CUDA graphs on CUDA unless `compile_text=False`; `text_graphs`
+    overrides the graphs alone); `fast_text=False` runs them through transformers' forward."""
 
     def __init__(self, model, processor, spec: VideoSpec, system_prompt: str, *, mode: str = "letter",
                  shared_prefix: bool = True, question_batch: int = 16, max_new_tokens: int = 16,
                  temperature: float = 0.0, seed: int = 0, blind: bool = False, max_length: int | None = None,
-                 compile_vision: bool = True, branches: bool = True):
+                 compile_vision: bool = True, branches: bool = True, fast_text: bool = True,
+                 compile_text: bool = True, text_graphs: bool | None = None):
         import torch
 
         from trafficvlm.processing import Preprocessor
@@ -200,6 +207,14 @@ class LocalEngine(Engine):
             from trafficvlm.fast_vision import compile_vision_blocks
 
             compile_vision_blocks(model)  # CUDA only
+        self.text = None
+        if fast_text and self.branches and shared_prefix and not blind:
+            from trafficvlm.fast_text import TextRunner
+
+            # compiled only on CUDA, like the vision blocks: on a CPU compiling costs more than it saves;
+            # the branch pass replayed as CUDA graphs with the compiled step unless text_graphs says otherwise
+            compiled = compile_text and self.device.type == "cuda"
+            self.text = TextRunner(model, compile=compiled, graphs=compiled if text_graphs is None else text_graphs)
 
     @property
     def needs_frames(self) -> bool:
@@ -252,27 +267,38 @@ class LocalEngine(Engine):
                             {"pixel_values_videos": pixels, "video_grid_thw": prefix.video_grid_thw}, chunks)
 
     def _score_shared(self, p: PreparedClip) -> list[Answer]:
-        vision = {k: v.to(self.device, non_blocking=True) for k, v in p.vision.items()}
         split = len(p.prefix)
-        _, cache = self._forward(p.prefix.input_ids[None], p.prefix.position_ids[:, None], None,
-                                 cache=None, vision=vision)
+        cache = self._prefix(p)
         answers: list[Answer] = []
         for k, start in enumerate(range(0, len(p.suffixes), self.question_batch)):
             records = p.records[start:start + self.question_batch]
             if self.branches:
                 chunk = p.branches[k]
                 answers += self._branches(cache, chunk, records)
-                cache.crop(-chunk.input_ids.shape[1])  # back to the prefix: the next chunk must not see these
+                cache.crop(split - cache.get_seq_length())  # back to the prefix: the next chunk must not see these
             else:
                 answers += self._continue(cache, split, records, [(s.input_ids, s.position_ids)
                                                                   for s in p.suffixes[start:start + len(records)]])
         return answers
 
+    def _prefix(self, p: PreparedClip):
+        """The clip's prompt prefix through vision and the language model; returns its KV cache (the
+        TextRunner itself when branches run on it)."""
+        vision = {k: v.to(self.device, non_blocking=True) for k, v in p.vision.items()}
+        ids, pos = p.prefix.input_ids[None], p.prefix.position_ids[:, None]
+        if self.text is not None:
+            self.text.prefill(ids, pos, vision)
+            return self.text
+        return self._forward(ids, pos, None, cache=None, vision=vision)[1]
+
     def _branches(self, cache, chunk: "Branches", records: list[VideoQARecord]) -> list[Answer]:
         """Letter answers for one chunk of branches run as one row on `cache` (appends them to it)."""
-        hidden, _ = self._forward(chunk.input_ids, chunk.position_ids, chunk.mask, cache=cache)
         ends = chunk.ends.to(self.device, non_blocking=True)
-        logits = self.model.lm_head(hidden[0, ends]).float().cpu()  # one copy, then CPU-side letter picks
+        if self.text is not None:
+            hidden = self.text.extend(chunk.input_ids, chunk.position_ids, chunk.mask, rows=ends)
+        else:
+            hidden = self._forward(chunk.input_ids, chunk.position_ids, chunk.mask, cache=cache)[0][0, ends]
+        logits = self.model.lm_head(hidden).float().cpu()  # one copy, then CPU-side letter picks
         return [letter_answer(logits[k], r.options, self.letter_ids) for k, r in enumerate(records)]
 
     def _encode(self, record: VideoQARecord, clip: "Clip"):

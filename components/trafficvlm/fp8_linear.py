@@ -67,7 +67,10 @@ class Fp8RowwiseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
-        codes, scale = (_fused_quantize_rows() if self.fused else quantize_rows)(flat)
+        # Inside a compiled caller (fast_text's decoder step) the plain function is traced into the caller's
+        # graph, where Inductor fuses it with the norm or gating before it; eager callers get the kernel.
+        fused = self.fused and not torch.compiler.is_compiling()
+        codes, scale = (_fused_quantize_rows() if fused else quantize_rows)(flat)
         # cuBLAS takes the second operand column-major: the row-major [N, K] weight, transposed (a view).
         out = torch._scaled_mm(codes, self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
                                bias=self.bias, out_dtype=self.out_dtype)

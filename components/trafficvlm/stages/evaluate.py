@@ -43,7 +43,7 @@ examples:
   trafficvlm eval --engine openai --endpoint http://127.0.0.1:8000/v1 --api-key-env NIM_API_KEY \\
       --model runs/sft/final --data ... --media-dir ... --out runs/eval-nim
   trafficvlm eval ... --resume                                # continue a killed run
-  trafficvlm eval ... --no-compile-vision                     # skip compiling the vision blocks (CUDA)
+  trafficvlm eval ... --no-compile-vision --no-compile-text   # no torch.compile at all (CUDA; ~1 min less start-up)
   torchrun --nproc-per-node 4 -m trafficvlm eval ...          # data-parallel over clips
 """
 
@@ -285,7 +285,7 @@ def _engine(cfg: EvalConfig, res: Resolved, records, rank: int):
                                   shared_prefix=cfg.shared_prefix, question_batch=cfg.question_batch,
                                   max_new_tokens=max_tokens, temperature=cfg.temperature, seed=cfg.seed,
                                   blind=cfg.baseline == "blind", max_length=cfg.max_length,
-                                  compile_vision=cfg.compile_vision)
+                                  compile_vision=cfg.compile_vision, compile_text=cfg.compile_text)
 
 
 def _load_local(cfg: EvalConfig, rank: int):
@@ -431,6 +431,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--compile-vision", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile each vision block on CUDA (default on; the first clip of each new "
                         "grid shape pays the compile; ignored on CPU)")
+    p.add_argument("--compile-text", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the language model's decoder step that scores the letter branches "
+                        "(default on; the first clip pays ~1 min of compiling; ignored on CPU)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_main_eval)
 
@@ -450,7 +453,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     names = ("model", "data", "media_dir", "out", "mode", "answer_type", "resume", "limit", "batch_videos",
              "question_batch", "baseline", "train_data", "engine", "endpoint", "api_key_env", "served_model",
              "file_urls", "concurrency", "max_tokens", "temperature", "seed", "system_prompt", "override_spec",
-             "device", "dtype", "compile_vision")
+             "device", "dtype", "compile_vision", "compile_text")
     out = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.shared_prefix is not None:
         out["shared_prefix"] = args.shared_prefix == "on"
