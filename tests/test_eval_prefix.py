@@ -163,17 +163,18 @@ def test_compile_vision_is_a_noop_on_cpu(model, processor):
     assert len(engine.score([(_records(2), _clip())])[0]) == 2
 
 
-def test_cli_compile_vision_flag_reaches_the_config():
+@pytest.mark.parametrize("flag", ["compile_vision", "compile_text"])
+def test_cli_compile_flags_reach_the_config(flag):
     from trafficvlm.config import load_eval_config
     from trafficvlm.stages.evaluate import _overrides, add_cli
 
     sub = argparse.ArgumentParser().add_subparsers()
     add_cli(sub)
-    args = sub.choices["eval"].parse_args(["--no-compile-vision", "--out", "x"])
-    assert _overrides(args)["compile_vision"] is False
-    assert load_eval_config(None, _overrides(args)).compile_vision is False
-    assert load_eval_config(None, {}).compile_vision is True
-    assert "compile_vision" not in _overrides(sub.choices["eval"].parse_args(["--out", "x"]))
+    args = sub.choices["eval"].parse_args(["--no-" + flag.replace("_", "-"), "--out", "x"])
+    assert _overrides(args)[flag] is False
+    assert getattr(load_eval_config(None, _overrides(args)), flag) is False
+    assert getattr(load_eval_config(None, {}), flag) is True
+    assert flag not in _overrides(sub.choices["eval"].parse_args(["--out", "x"]))
 
 
 def test_patchify_equals_the_float_reordering_it_replaced():

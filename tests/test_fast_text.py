@@ -174,14 +174,18 @@ def test_bad_masks_and_a_second_prefix_are_refused(model, processor):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and Inductor on CUDA need a GPU")
 def test_cuda_graph_branches_equal_eager_on_a_gpu(tiny, processor):
     """What eval runs on a GPU: the compiled step, branches captured once per padded shape and replayed
-    for the next clip, against the eager loop (bf16)."""
+    for later clips, against the eager loop (bf16); clips of two lengths and two question counts, so
+    several shapes are captured and each is replayed."""
     torch._dynamo.reset()
     model = load_model(tiny, dtype=torch.bfloat16, device="cuda", attn_implementation="sdpa").eval()
-    _, p = _prepared(model, processor)
-    p.vision = {k: v.to("cuda", torch.bfloat16 if v.is_floating_point() else v.dtype) for k, v in p.vision.items()}
-    eager = _runner_rows(TextRunner(model), p)
+    engine = LocalEngine(model, processor, VideoSpec(fps=4.0), SYSTEM, question_batch=3, fast_text=False)
+    clips = [engine.prepare([(_records(n), _clip(frames=f))])[0] for n, f in ((5, 6), (4, 10))]
+    for p in clips:
+        p.vision = {k: v.to("cuda") for k, v in p.vision.items()}
+    eager = [_runner_rows(TextRunner(model), p) for p in clips]
     runner = TextRunner(model, compile=True, graphs=True)
     for _ in range(2):  # capture, then replay
-        for a, b in zip(_runner_rows(runner, p), eager):
-            torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2)
-    assert runner.shapes and all(st.graph is not None for st in runner.shapes.values())
+        for p, ref in zip(clips, eager):
+            for a, b in zip(_runner_rows(runner, p), ref):
+                torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2)
+    assert len(runner.shapes) >= 2 and all(st.graph is not None for st in runner.shapes.values())
