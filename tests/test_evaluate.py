@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from trafficvlm.config import ConfigError, VideoSpec, load_eval_config
-from trafficvlm.records import group_by_video, read_llava
+from trafficvlm.records import VideoQARecord, group_by_video, read_llava
 
 SPEC = VideoSpec(fps=2.0, min_pixels=3136, max_pixels=3136)
 SYSTEM = "You are a helpful assistant that can answer questions about a street-view CCTV footage."
@@ -380,3 +380,23 @@ def test_torchrun_two_ranks_equal_one_process(env, baseline_run, tmp_path):
     dp = json.loads((out / "results.json").read_text())
     assert {k: dp[k] for k in ("accuracy", "correct", "per_question")} == \
         {k: full[k] for k in ("accuracy", "correct", "per_question")}
+
+
+@pytest.mark.parametrize("every, syncs", [(3600.0, 1), (0.0, 4)])
+def test_prediction_sink_flushes_every_clip_and_fsyncs_on_a_timer(tmp_path, monkeypatch, every, syncs):
+    """Each clip's lines are readable as soon as they are appended (a killed process keeps them); fsync
+    runs on the timer and at close only, not once per clip."""
+    from trafficvlm.evaluate import Answer
+    from trafficvlm.report import read_predictions
+    from trafficvlm.stages import evaluate as stage
+
+    calls = []
+    monkeypatch.setattr(stage.os, "fsync", lambda fd: calls.append(fd))
+    path = tmp_path / "predictions.jsonl"
+    recs = [VideoQARecord(id=f"q{i}", video="v.mp4", question="Weather?", options={"a": "Clear", "b": "Rain"},
+                          answer="a") for i in range(3)]
+    with stage.PredictionSink(path, sync_every_s=every) as sink:
+        for i, r in enumerate(recs):
+            sink.append([r], [Answer("a", {"a": 0.9, "b": 0.1})])
+            assert [p.id for p in read_predictions(path)] == [x.id for x in recs[:i + 1]]
+    assert len(calls) == syncs

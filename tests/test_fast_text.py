@@ -91,6 +91,22 @@ def test_padded_static_branches_equal_the_plain_ones(model, processor):
         assert width % 16 == 0 and rows % 16 == 0
 
 
+def test_a_failed_graph_capture_falls_back_to_uncaptured_branches(model, processor, monkeypatch, capsys):
+    _, p = _prepared(model, processor)
+    plain = _runner_rows(TextRunner(model), p)
+    runner = TextRunner(model, static=True)
+    runner.graphs = True  # as on CUDA; the capture itself is made to fail the way an uncapturable kernel does
+
+    def refuse(st, start):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(runner, "_capture", refuse)
+    for a, b in zip(_runner_rows(runner, p), plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert not runner.graphs
+    assert capsys.readouterr().err.count("CUDA graph capture of the question branches failed") == 1
+
+
 def test_compiled_step_traces_into_one_graph_and_matches_eager(model, processor):
     """fullgraph: the cache write, the attention and the MLP trace without a break (aot_eager keeps the CPU
     test quick; CUDA runs Inductor on the same graph)."""

@@ -28,6 +28,7 @@ transformers' forward.
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -242,7 +243,13 @@ class TextRunner:
         if st.graph is not None:
             st.graph.replay()
         elif self.graphs and len(self.shapes) <= self.max_graphs:
-            self._capture(st, start)
+            try:
+                self._capture(st, start)
+            except RuntimeError as exc:  # a setup whose kernels cannot be captured: run uncaptured, say so once
+                print(f"warning: CUDA graph capture of the question branches failed ({exc}); running them "
+                      "without graphs (same results, more host time per clip)", file=sys.stderr)
+                self.graphs = False
+                self._run_static(st, start)
         else:
             self._run_static(st, start)
         self.length = start + width  # crop(prefix) brings it back
