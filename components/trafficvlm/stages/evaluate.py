@@ -297,6 +297,7 @@ class PredictionSink:
 
 def _engine(cfg: EvalConfig, res: Resolved, records, rank: int):
     from trafficvlm import evaluate
+    from trafficvlm.fast_text import layer_step
 
     max_tokens = cfg.max_tokens or evaluate.DEFAULT_MAX_TOKENS[res.answer_type]
     if cfg.baseline == "majority":
@@ -310,11 +311,18 @@ def _engine(cfg: EvalConfig, res: Resolved, records, rank: int):
                                        api_key=key, max_tokens=max_tokens, temperature=cfg.temperature,
                                        seed=cfg.seed, concurrency=cfg.concurrency, file_urls=cfg.file_urls)
     model, processor = _load_local(cfg, rank)
-    return evaluate.LocalEngine(model, processor, res.spec, res.system_prompt, mode=res.mode,
+    engine = evaluate.LocalEngine(model, processor, res.spec, res.system_prompt, mode=res.mode,
                                   shared_prefix=cfg.shared_prefix, question_batch=cfg.question_batch,
                                   max_new_tokens=max_tokens, temperature=cfg.temperature, seed=cfg.seed,
                                   blind=cfg.baseline == "blind", max_length=cfg.max_length,
                                   compile_vision=cfg.compile_vision, compile_text=cfg.compile_text)
+    compiling = [name for name, on in
+                 (("the vision blocks", engine.device.type == "cuda" and cfg.compile_vision and not engine.blind),
+                  ("the text step", engine.text is not None and engine.text.step is not layer_step)) if on]
+    if compiling and rank == 0:
+        print(f"note: compiling {' and '.join(compiling)} on the first clip (up to a minute; "
+              "--no-compile-vision / --no-compile-text skip it)", file=sys.stderr)
+    return engine
 
 
 def _load_local(cfg: EvalConfig, rank: int):
@@ -461,8 +469,9 @@ def add_cli(subparsers) -> None:
                    help="torch.compile each vision block on CUDA (default on; the first clip of each new "
                         "grid shape pays the compile; ignored on CPU)")
     p.add_argument("--compile-text", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the language model's decoder step that scores the letter branches "
-                        "(default on; the first clip pays ~1 min of compiling; ignored on CPU)")
+                   help="torch.compile the language model's decoder step that scores the letter branches and "
+                        "replay the branches as CUDA graphs (default on; the first clip pays ~10-30 s of "
+                        "compiling; ignored on CPU)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_main_eval)
 
