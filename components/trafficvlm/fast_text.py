@@ -1,10 +1,10 @@
-"""The language model's inference forward for shared-prefix letter scoring: a preallocated KV buffer and
-ONE compiled function that every decoder layer runs.
+"""The language model's inference forward for shared-prefix letter scoring: a preallocated KV buffer,
+ONE compiled function that every decoder layer runs, and the question branches replayed as CUDA graphs.
 
-    >>> runner = TextRunner(model, compile=True)              # model: a loaded Qwen2.5-VL (bf16 or FP8)
-    >>> runner.prefill(input_ids, position_ids, vision)       # a clip's prompt prefix: fills the buffer
-    >>> hidden = runner.extend(ids, pos, mask, rows=ends)     # the question branches on top of it
-    >>> runner.crop(-ids.shape[1])                            # back to the prefix for the next chunk
+    >>> runner = TextRunner(model, compile=True, graphs=True)  # what eval runs on CUDA (bf16 or FP8 model)
+    >>> runner.prefill(input_ids, position_ids, vision)        # a clip's prompt prefix: fills the buffer
+    >>> hidden = runner.extend(ids, pos, mask, rows=ends)      # the question branches on top of it
+    >>> runner.crop(prefix_len)                                # back to the prefix for the next chunk
 
 Why: the 15 question branches of a clip are ~700 tokens, too few for the GPU to hide the host-side
 cost of transformers' eager decoder (~30 PyTorch calls per layer, the DynamicCache bookkeeping, and in
@@ -13,9 +13,10 @@ FP8 a separate quantization call before each of the 196 GEMMs): on an H200 they 
 with a DynamicCache (Dynamo guards on each layer's cache state and recompiles per layer), so this module
 owns the orchestration: the KV cache is a plain tensor per layer whose cached part goes *into*
 `layer_step` (which returns the new keys and values for the caller to store), so all 28 layers share one
-graph per shape class (prefix, branches), and Inductor fuses RMSNorm, rotary
-embedding, residual adds, SiLU-gating and (in FP8) the per-token activation quantization into the GEMMs'
-neighbours.
+graph per shape class (prefix, branches), and Inductor fuses RMSNorm, rotary embedding, residual adds,
+SiLU-gating and (in FP8) the per-token activation quantization into the GEMMs' neighbours. The branch
+pass, padded to fixed shapes, is then captured once per shape and replayed (`TextRunner`, `graphs`).
+Measured on an H200 (docs/perf.md, "Fifth run"): bf16 eval 79.8 -> 89.3 questions/s, FP8 eval 105-108.
 
 What it reuses from transformers: the modules and weights themselves (norms, projections, MLP), the
 rotary embedding (`language_model.rotary_emb`, which builds the 3-D mRoPE cos/sin from our positions),
@@ -104,14 +105,15 @@ class TextRunner:
 
     Quacks like the part of a transformers Cache the eval engine uses (`crop`, `get_seq_length`), so the
     engine's loop is the same whichever forward produced the cache. `compile=True` runs `layer_step`
-    compiled (CUDA: the first prefix and the first branches pay ~1 min compiling).
+    compiled (on an H200 the two graphs of the 7B took 10-30 s on the first clip).
 
     `static=True` runs branches at padded shapes from fixed-address buffers: the branch row padded to a
     multiple of `row_step` tokens and placed at the prefix length rounded up to `start_step`, the mask
     padded to match (padding rows see only themselves; real rows never see padding). On CUDA the whole
     branch pass of each padded shape is then captured once as a CUDA graph and replayed, so ~700 tokens
-    through 28 layers cost one launch instead of ~600 (`graphs=True`, needs `static`). A KV buffer that
-    has to grow drops the captured graphs (their addresses are gone); shapes past `max_graphs` run unreplayed."""
+    through 28 layers cost one launch instead of hundreds (`graphs=True`, which implies `static`). A KV
+    buffer that has to grow drops the captured graphs (their addresses are gone); shapes past `max_graphs`
+    run uncaptured, and so does everything after a failed capture (with one warning)."""
 
     block = 1024        # KV buffer growth step in tokens
     start_step = 256    # static branches start at the prefix length rounded up to this
