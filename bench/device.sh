@@ -48,6 +48,7 @@ for bench in "$@"; do
     # in earlier JSONs; the JSON is rewritten after every row, so a row past the limit loses only itself
     fp8) run fp8_eval 420 python3 bench/fp8_eval.py --repeats 3 --workdir /tmp/fp8bench --out "$OUT/fp8_eval.json" --rows scaled-mm,bf16,compressed-tensors ;;
     fp8-quick) run fp8_eval 450 python3 bench/fp8_eval.py --repeats 3 --workdir /tmp/fp8bench --out "$OUT/fp8_eval.json" --rows bf16,scaled-mm,scaled-mm-hf-text ;;
+    attn-branches) run attn_branches 120 python3 bench/attn_branches.py --out "$OUT/attn_branches.json" ;;
     eval-stage) run eval_stage_gpu 300 python3 bench/eval_stage_gpu.py --out "$OUT/eval_stage_gpu.json" ;;
     gpu-tests) run gpu_tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_processing.py tests/test_model.py tests/test_fast_vision.py tests/test_fast_text.py ;;
     train-lora) run train_lora 320 python3 bench/train_7b.py --iters 4 --warmup 1 --profile --out "$OUT/train_7b_lora.json" ;;
