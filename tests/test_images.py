@@ -99,6 +99,15 @@ def test_dockerfile_is_pinned_non_root_and_ships_kfp(dockerfile):
     assert "kfp" in install.distributions(), f"{dockerfile.name}: no kfp"
 
 
+@pytest.mark.parametrize("name", ["train", "eval", "quantize"])
+def test_images_that_torch_compile_on_cuda_carry_a_c_compiler(name):
+    """Triton builds its CUDA launcher modules with the system C compiler on the first torch.compile; the
+    slim Python base has none, and these stages compile by default on CUDA (vision blocks, eval's text step)."""
+    text = (IMAGES / f"{name}.Dockerfile").read_text()
+    apt = " ".join(re.findall(r"apt-get install[^\n]*(?:\\\n[^\n]*)*", text))
+    assert re.search(r"\bgcc\b", apt) and "libc6-dev" in apt, f"{name}.Dockerfile installs no C compiler"
+
+
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_pins_equal_the_project_pins(dockerfile):
     for name, version in Install(dockerfile).pins.items():
