@@ -5,6 +5,7 @@
 #   bash bench/device.sh vision eval          # one GPU
 #   bash bench/device.sh fp8
 #   bash bench/device.sh eval-stage          # one GPU: run_eval compiled vs not, quantize + FP8 gate on CUDA
+#   bash bench/device.sh eval-stage-dp       # the same + torchrun eval on all visible GPUs vs one GPU
 #   bash bench/device.sh train-lora           # one GPU
 #   bash bench/device.sh train-full1          # one GPU: full fine-tuning under an 80 GB cap
 #   bash bench/device.sh data-wait            # one GPU: loader wait per LoRA step on real synthetic videos
@@ -50,6 +51,7 @@ for bench in "$@"; do
     fp8-quick) run fp8_eval 450 python3 bench/fp8_eval.py --repeats 3 --workdir /tmp/fp8bench --out "$OUT/fp8_eval.json" --rows bf16,scaled-mm,scaled-mm-hf-text ;;
     attn-branches) run attn_branches 120 python3 bench/attn_branches.py --out "$OUT/attn_branches.json" ;;
     eval-stage) run eval_stage_gpu 300 python3 bench/eval_stage_gpu.py --out "$OUT/eval_stage_gpu.json" ;;
+    eval-stage-dp) run eval_stage_gpu_dp 360 python3 bench/eval_stage_gpu.py --dp "$NGPU" --out "$OUT/eval_stage_gpu_dp${NGPU}.json" ;;
     gpu-tests) run gpu_tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_processing.py tests/test_model.py tests/test_fast_vision.py tests/test_fast_text.py ;;
     train-lora) run train_lora 320 python3 bench/train_7b.py --iters 4 --warmup 1 --profile --out "$OUT/train_7b_lora.json" ;;
     train-full1) run train_full_1gpu 330 python3 bench/train_7b.py --fsdp --iters 3 --warmup 1 --out "$OUT/train_7b_full_1gpu.json" ;;

@@ -5,6 +5,11 @@ accuracy gate, whose two evaluations run the FP8 checkpoint through `fp8_linear`
 
     PYTHONPATH=components python3 bench/eval_stage_gpu.py --out bench/results/eval_stage_gpu.json
     bash bench/device.sh eval-stage                       # on the device machine
+    PYTHONPATH=components python3 bench/eval_stage_gpu.py --dp 2    # + `torchrun -m trafficvlm eval` on 2 GPUs
+
+`--dp N` also runs the eval CLI data-parallel under torchrun on N GPUs (ranks past the first put their
+model, compiled kernels and CUDA graphs on cuda:1...) and checks its merged predictions against the
+one-GPU run.
 
 Exit status 1 when the compiled and uncompiled evaluations disagree beyond bf16 noise (letter
 probabilities differ by more than --tol, or a different letter wins where the top two are not within it),
@@ -58,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="/tmp/trafficvlm-eval-stage")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "eval_stage_gpu.json"))
     parser.add_argument("--tol", type=float, default=0.02, help="bf16 tolerance on letter probabilities")
+    parser.add_argument("--dp", type=int, default=0, help="also run the eval CLI under torchrun on this many GPUs")
     parser.add_argument("--device", default="cuda", help="cuda (the check); cpu runs the same steps as a smoke test")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -83,6 +89,18 @@ def main(argv: list[str] | None = None) -> int:
         runs[name] = predictions(out)
     default, plain = runs.values()
     check = agreement(default, plain, args.tol)
+    dp_check = None
+    if args.dp > 1:
+        import os
+        import subprocess
+
+        out = work / "eval" / f"dp{args.dp}"
+        t0 = time.perf_counter()
+        subprocess.run(["torchrun", "--standalone", f"--nproc-per-node={args.dp}", "-m", "trafficvlm", "eval",
+                        "--model", str(tiny), "--data", str(data), "--media-dir", str(media), "--out", str(out),
+                        "--device", "cuda", "--no-progress"], check=True, env={**os.environ})
+        seconds[f"torchrun eval on {args.dp} GPUs"] = round(time.perf_counter() - t0, 1)
+        dp_check = agreement(default, predictions(out), args.tol)
 
     t0 = time.perf_counter()
     gate = run_quantize(tiny, work / "fp8", device=args.device, data=str(data), media_dir=str(media), max_drop=100.0,
@@ -90,14 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     seconds["quantize + gate (two evaluations)"] = round(time.perf_counter() - t0, 1)
     result = {"card": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
               "transformers": __import__("transformers").__version__, "date": time.strftime("%Y-%m-%d"),
-              "seconds": seconds, "compiled_vs_uncompiled": check,
+              "seconds": seconds, "compiled_vs_uncompiled": check, "data_parallel_vs_one_gpu": dp_check,
               "gate": {"passed": gate.passed, "fp8_accuracy": gate.accuracy, "report": gate.gate},
               "fp8_backend_note": "see the run's log: quantize's loader names the FP8 matmul route"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(json.dumps({k: result[k] for k in ("card", "seconds", "compiled_vs_uncompiled")}, indent=2))
     print(f"gate passed: {gate.passed}, FP8 accuracy {gate.accuracy}")
-    ok = not check["real_flips"] and check["max_letter_prob_diff"] <= args.tol
+    if dp_check:
+        print(f"data-parallel on {args.dp} GPUs vs one GPU: {json.dumps(dp_check)}")
+    ok = all(not c["real_flips"] and c["max_letter_prob_diff"] <= args.tol for c in (check, dp_check) if c)
     print("OK" if ok else "DISAGREEMENT beyond bf16 noise")
     return 0 if ok else 1
 

@@ -243,7 +243,8 @@ class TextRunner:
         for dst, src in ((st.ids, ids), (st.pos, pos), (st.mask, full), (st.rows, picks)):
             dst.copy_(src.pin_memory() if self.device.type == "cuda" else src, non_blocking=True)
         if st.graph is not None:
-            st.graph.replay()
+            with torch.cuda.device(self.device):  # a rank's model need not be on the current device
+                st.graph.replay()
         elif self.graphs and len(self.shapes) <= self.max_graphs:
             try:
                 self._capture(st, start)
@@ -274,15 +275,16 @@ class TextRunner:
 
     def _capture(self, st: _Static, start: int) -> None:
         """Warm up on a side stream (compiles, cuBLAS and cuDNN plans), then capture one branch pass."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._run_static(st, start)
-        torch.cuda.current_stream().wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            self._run_static(st, start)
-        st.graph = graph
-        graph.replay()
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._run_static(st, start)
+            torch.cuda.current_stream().wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._run_static(st, start)
+            st.graph = graph
+            graph.replay()

@@ -335,6 +335,8 @@ def _load_local(cfg: EvalConfig, rank: int):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    if device.startswith("cuda"):  # compiled kernels, side streams and CUDA graphs run on the current device
+        torch.cuda.set_device(device)
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else None, "bfloat16": torch.bfloat16,
              "float16": torch.float16, "float32": torch.float32}[cfg.dtype]
     model = load_model(cfg.model, dtype=dtype, device=device)
