@@ -293,11 +293,11 @@ class LocalEngine(Engine):
 
     def _branches(self, cache, chunk: "Branches", records: list[VideoQARecord]) -> list[Answer]:
         """Letter answers for one chunk of branches run as one row on `cache` (appends them to it)."""
-        ends = chunk.ends.to(self.device, non_blocking=True)
-        if self.text is not None:
-            hidden = self.text.extend(chunk.input_ids, chunk.position_ids, chunk.mask, rows=ends)
+        if self.text is not None:  # CPU rows: the padded CUDA-graph inputs are built without waiting on the GPU
+            hidden = self.text.extend(chunk.input_ids, chunk.position_ids, chunk.mask, rows=chunk.ends)
         else:
-            hidden = self._forward(chunk.input_ids, chunk.position_ids, chunk.mask, cache=cache)[0][0, ends]
+            hidden, _ = self._forward(chunk.input_ids, chunk.position_ids, chunk.mask, cache=cache)
+            hidden = hidden[0, chunk.ends.to(self.device, non_blocking=True)]
         logits = self.model.lm_head(hidden).float().cpu()  # one copy, then CPU-side letter picks
         return [letter_answer(logits[k], r.options, self.letter_ids) for k, r in enumerate(records)]
 

@@ -181,7 +181,7 @@ class TextRunner:
         if self.static and rows is not None:
             return self._extend_static(input_ids, position_ids, mask, rows)
         hidden = self._layers(self._embed(input_ids, None), position_ids, mask)
-        hidden = hidden[0, rows.to(self.device)] if rows is not None else hidden
+        hidden = hidden[0, rows.to(self.device, non_blocking=True)] if rows is not None else hidden
         return self.lm.norm(hidden)
 
     def _embed(self, input_ids: torch.Tensor, vision: dict[str, Any] | None) -> torch.Tensor:
@@ -239,7 +239,7 @@ class TextRunner:
         pad = torch.arange(n, width)
         full[0, 0, pad, start + pad] = True                           # a padding row sees only itself
         picks = torch.zeros(k_b, dtype=torch.long)
-        picks[:k] = rows.cpu()
+        picks[:k] = rows.cpu()  # give CPU rows: a GPU tensor here would make the host wait for the prefix
         for dst, src in ((st.ids, ids), (st.pos, pos), (st.mask, full), (st.rows, picks)):
             dst.copy_(src.pin_memory() if self.device.type == "cuda" else src, non_blocking=True)
         if st.graph is not None:
