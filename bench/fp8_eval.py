@@ -229,16 +229,16 @@ def parity(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 # --- main -------------------------------------------------------------------------------------------------
 
-# --rows ids -> (row name, backend for load_quantized, compile[, LocalEngine kwargs]); "bf16*" load the source
-ROWS = {"bf16": ("bf16", None, False),
+# --rows ids -> (row name, backend for load_quantized, compile, LocalEngine kwargs); backend None: the bf16 source
+ROWS = {"bf16": ("bf16", None, False, {}),
         "bf16-hf-text": ("bf16, transformers' text forward", None, False, {"fast_text": False}),
         "scaled-mm-hf-text": ("fp8 (scaled_mm), transformers' text forward", "scaled-mm", False, {"fast_text": False}),
-        "compressed-tensors": ("fp8 (compressed-tensors kernels)", "compressed-tensors", False),
-        "scaled-mm": ("fp8 (trafficvlm scaled_mm, fused quant)", "scaled-mm", False),
-        "torchao": ("fp8 (torchao float8, eager)", "torchao", False),
-        "torchao-compiled": ("fp8 (torchao float8, compiled)", "torchao", True),
-        "compressed-tensors-compiled": ("fp8 (compressed-tensors kernels, compiled)", "compressed-tensors", True),
-        "emulated": ("fp8 (emulated, as the CPU gate)", "emulate", False)}
+        "compressed-tensors": ("fp8 (compressed-tensors kernels)", "compressed-tensors", False, {}),
+        "scaled-mm": ("fp8 (trafficvlm scaled_mm, fused quant)", "scaled-mm", False, {}),
+        "torchao": ("fp8 (torchao float8, eager)", "torchao", False, {}),
+        "torchao-compiled": ("fp8 (torchao float8, compiled)", "torchao", True, {}),
+        "compressed-tensors-compiled": ("fp8 (compressed-tensors kernels, compiled)", "compressed-tensors", True, {}),
+        "emulated": ("fp8 (emulated, as the CPU gate)", "emulate", False, {})}
 # parity pairs (row id, reference row id), computed where both rows ran
 PAIRS = [(r, "bf16") for r in ROWS if r != "bf16"] + \
         [(r, "compressed-tensors") for r in ROWS if r not in ("bf16", "bf16-hf-text", "compressed-tensors")]
@@ -307,8 +307,7 @@ def run_row(row: str, args, src: Path, fp8: Path, workload_) -> dict[str, Any]:
     model = fns = None
     try:
         model = load_row(row, src, fp8, args.device).eval()
-        engine_kw = ROWS[row][3] if len(ROWS[row]) > 3 else {}
-        fns, tokens = probes(model, processor, records, clip, args.device, **engine_kw)
+        fns, tokens = probes(model, processor, records, clip, args.device, **ROWS[row][3])
         # compiled rows, scaled-mm's activation quantization and the engine's compiled text step (CUDA)
         # compile on their first calls: warm up untimed
         compiled = warm_up(fns) if ROWS[row][2] or ROWS[row][1] == "scaled-mm" or args.device.startswith("cuda") else {}

@@ -131,6 +131,7 @@ class TextRunner:
         param = next(self.lm.parameters())
         self.device = param.device
         self.dtype = self.lm.embed_tokens.weight.dtype
+        self.compiled = compile
         self.step = _compiled_step() if compile else layer_step
         self.static = static or graphs
         self.graphs = graphs and self.device.type == "cuda"
@@ -177,8 +178,8 @@ class TextRunner:
                rows: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens after the cached ones, attending as `mask` [1, 1, n, cached + n] says; appends their K/V.
         Returns the final-normed hidden states [1, n, hidden], or only `rows` of them ([k, hidden])."""
-        self._check_mask(mask, input_ids.shape[1], self.length)
         if self.static and rows is not None:
+            self._check_mask(mask, input_ids.shape[1], self.length)  # the padded pass checks only its own mask
             return self._extend_static(input_ids, position_ids, mask, rows)
         hidden = self._layers(self._embed(input_ids, None), position_ids, mask)
         hidden = hidden[0, rows.to(self.device, non_blocking=True)] if rows is not None else hidden

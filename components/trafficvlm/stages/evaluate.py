@@ -297,7 +297,7 @@ class PredictionSink:
 
 def _engine(cfg: EvalConfig, res: Resolved, records, rank: int):
     from trafficvlm import evaluate
-    from trafficvlm.fast_text import layer_step
+    from trafficvlm.fast_vision import vision_compiled
 
     max_tokens = cfg.max_tokens or evaluate.DEFAULT_MAX_TOKENS[res.answer_type]
     if cfg.baseline == "majority":
@@ -316,9 +316,8 @@ def _engine(cfg: EvalConfig, res: Resolved, records, rank: int):
                                   max_new_tokens=max_tokens, temperature=cfg.temperature, seed=cfg.seed,
                                   blind=cfg.baseline == "blind", max_length=cfg.max_length,
                                   compile_vision=cfg.compile_vision, compile_text=cfg.compile_text)
-    compiling = [name for name, on in
-                 (("the vision blocks", engine.device.type == "cuda" and cfg.compile_vision and not engine.blind),
-                  ("the text step", engine.text is not None and engine.text.step is not layer_step)) if on]
+    compiling = [name for name, on in (("the vision blocks", vision_compiled(model)),
+                                       ("the text step", engine.text is not None and engine.text.compiled)) if on]
     if compiling and rank == 0:
         print(f"note: compiling {' and '.join(compiling)} on the first clip (up to a minute; "
               "--no-compile-vision / --no-compile-text skip it)", file=sys.stderr)
